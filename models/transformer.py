@@ -1,0 +1,115 @@
+"""Transformer encoder classifier over N x T x F sequences (T dynamic), optional padding mask."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .registry import InputSpec, ModelSpec, register_model
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    input_size: int = 8       # F; ignored when vocab_size > 0 (token ids instead)
+    seq_len: int = 8
+    vocab_size: int = 0       # > 0: token embedding over int64 ids instead of a projection
+    d_model: int = 64
+    heads: int = 4
+    layers: int = 2
+    ff: int = 128
+    max_len: int = 512
+    num_classes: int = 10
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        for k in ("input_size", "seq_len", "d_model", "heads", "layers", "ff", "max_len", "num_classes"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.seq_len > self.max_len:
+            raise ValueError(f"seq_len ({self.seq_len}) exceeds max_len ({self.max_len})")
+
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.seq_len,) if self.vocab_size else (self.seq_len, self.input_size)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm block: x + MHSA(LN(x)), then x + FFN(LN(x)). Attention is F.scaled_dot_product_attention."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ff = nn.Sequential(nn.Linear(cfg.d_model, cfg.ff), nn.GELU(), nn.Linear(cfg.ff, cfg.d_model))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=-1)                  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, h, T, c)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, T, c)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        x = x + self.drop(self.proj(y))
+        return x + self.drop(self.ff(self.ln2(x)))
+
+
+class TransformerClassifier(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.vocab_size:
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        else:
+            self.embed = nn.Linear(cfg.input_size, cfg.d_model)
+        self.register_buffer("pos", _sinusoid(cfg.max_len, cfg.d_model), persistent=False)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.layers))
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.num_classes)
+
+    def forward(self, sequence: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """sequence: (N, T, F) floats or (N, T) ids; mask: (N, T) bool, True = real token."""
+        x = self.embed(sequence)                           # (N, T, C)
+        x = x + self.pos[: x.shape[1]]
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, T) broadcast over heads/queries
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        x = self.ln(x)
+        if mask is None:
+            pooled = x.mean(dim=1)
+        else:
+            w = mask.unsqueeze(-1).to(x.dtype)
+            pooled = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return self.head(pooled)                           # (N, num_classes)
+
+
+def _sinusoid(length: int, dim: int) -> torch.Tensor:
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div[: dim // 2])
+    return pe
+
+
+SPEC = register_model(
+    ModelSpec(
+        name="transformer",
+        family="sequence",
+        config_cls=TransformerConfig,
+        build=TransformerClassifier,
+        inputs=(InputSpec("sequence", (8, 8), {0: "batch", 1: "seq_len"}),),
+        data_fields=("seq_len", "input_size"),
+        student={"d_model": 32, "ff": 64, "layers": 1},
+        sizes={"base": {"d_model": 256, "heads": 8, "layers": 4, "ff": 1024}},
+        train_defaults={"epochs": 40, "lr": 1e-3, "patience": 12},
+        opset=23,  # F.scaled_dot_product_attention -> the native ONNX Attention op
+        description="pre-norm Transformer encoder (SDPA attention, mean pooled) over N x T x F sequences",
+    )
+)

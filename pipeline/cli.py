@@ -1,0 +1,299 @@
+"""The `onnxpipe` command line: one thin function per command; stages do the work.
+
+User errors print one line (`error: ...`) and exit 1; heavy libraries are imported inside commands."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Carry PyTorch models to verified, compressed ONNX Runtime deployments.\n\n"
+    "Start with `onnxpipe run` (train, export and verify every built-in model on the bundled digits data); "
+    "every stage also works alone on a run folder (exports/<model>).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RunArg = Annotated[Path, typer.Argument(help="Run folder, e.g. exports/cnn (made by `onnxpipe train` or `onnxpipe run`).")]
+DataOpt = Annotated[str, typer.Option("--data", help="digits (bundled, default), mnist:DIR (IDX files) or npz:FILE (arrays x, y).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a model config field, e.g. --set d_model=256 (repeatable).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON or TOML file with [model], [train], [export], [verify] sections.")]
+SizeOpt = Annotated[Optional[str], typer.Option("--size", help="Model size preset: default or base (bigger, for compression experiments).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the data split, initialization and batch order.")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use a seeded subset of N training samples (quick experiments).", min=1)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Execution provider: cpu or cuda (cuda without a CUDA provider is an error).")]
+
+
+def user_errors(fn):
+    """Turn onnxpipe's typed errors into one clear line and exit status 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import OnnxpipeError
+
+        try:
+            return fn(*args, **kwargs)
+        except OnnxpipeError as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+        except KeyError as e:
+            from models import UnknownModelError
+
+            if isinstance(e, UnknownModelError):
+                typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(1) from None
+            raise
+
+    return wrapper
+
+
+def parse_sets(items: list[str] | None) -> dict[str, str]:
+    from .errors import ConfigError
+
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"bad --set {item!r}: expected KEY=VALUE, e.g. --set d_model=256")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def read_config_file(path: Path | None) -> dict:
+    """{"model": {...}, "train": {...}, "export": {...}, "verify": {...}} from JSON or TOML."""
+    from .errors import ConfigError
+
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(path.read_text())
+        else:
+            data = json.loads(path.read_text())
+    except Exception as e:  # json / toml decode errors
+        raise ConfigError(f"cannot parse config file {path}: {e}") from None
+    known = {"model", "train", "export", "verify", "quantize", "distill", "bench"}
+    if not isinstance(data, dict) or set(data) - known:
+        raise ConfigError(f"config file {path}: top-level keys must be sections among {', '.join(sorted(known))}")
+    return data
+
+
+def resolve_models(names: str) -> list[str]:
+    from models import get_model, list_models
+
+    if names == "all":
+        return list_models()
+    out = [n.strip() for n in names.split(",") if n.strip()]
+    for n in out:
+        get_model(n)
+    return out
+
+
+def print_table(rows: list[dict], columns: list[str], title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="right" if c not in ("model", "variant", "parent", "parity", "stage") else "left")
+    for r in rows:
+        table.add_row(*[_fmt(r.get(c)) for c in columns])
+    Console().print(table)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "*" if v else ""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _summary(run) -> None:
+    from .orchestrate import summary_rows
+
+    rows = summary_rows(run)
+    for r in rows:
+        r["size"] = f"{r.pop('bytes') / 1024:.1f} KiB"
+    print_table(rows, ["model", "variant", "parent", "accuracy", "parity", "size"])
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+@app.command("models")
+def models_cmd() -> None:
+    """List the registered models with their family and default config."""
+    from dataclasses import asdict
+
+    from models import get_model, list_models
+
+    for name in list_models():
+        spec = get_model(name)
+        typer.echo(f"{name:12s} {spec.family:9s} {spec.description}")
+        typer.echo(f"{'':22s}config: {json.dumps(asdict(spec.make_config()))}")
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="Comma-separated model names, or 'all'.")] = "all",
+    data: DataOpt = "digits",
+    out: Annotated[Path, typer.Option("--out", help="Folder for the run folders (one per model).")] = Path("exports"),
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default: the model's tuned setting).", min=1)] = None,
+    size: SizeOpt = None,
+    set_: SetOpt = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = 0,
+    limit: LimitOpt = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help="Comma-separated subset of stages to run, in pipeline order.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing run folders.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run the whole pipeline (train -> export -> verify -> ...) for each model; end with a table."""
+    import time
+
+    from .orchestrate import Context, run_model
+
+    file_cfg = read_config_file(config)
+    overrides = {**file_cfg.get("model", {}), **parse_sets(set_)}
+    names = resolve_models(model)
+    if overrides and len(names) > 1:
+        from .errors import ConfigError
+
+        raise ConfigError("--set and [model] settings apply to one model; pick it with --model NAME")
+    train_overrides = {**file_cfg.get("train", {}), **({"epochs": epochs} if epochs else {})}
+    t0 = time.monotonic()
+    runs = []
+    for name in names:
+        ctx = Context(data=data, seed=seed, limit=limit, progress=not quiet, train_overrides=train_overrides,
+                      stage_options={k: v for k, v in file_cfg.items() if k not in ("model", "train")})
+        run = run_model(name, out / name, ctx, overrides=overrides, size=size, force=force,
+                        stages=stages.split(",") if stages else None,
+                        on_stage=None if quiet else lambda m, s: typer.echo(f"[{m}] {s}", err=True))
+        runs.append(run)
+    for run in runs:
+        _summary(run)
+    typer.echo(f"done in {time.monotonic() - t0:.1f} s; run folders: {', '.join(str(r.root) for r in runs)}")
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    model: Annotated[str, typer.Argument(help="Registered model name (see `onnxpipe models`).")],
+    data: DataOpt = "digits",
+    run_dir: Annotated[Optional[Path], typer.Option("--run", help="Run folder (default exports/MODEL).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Maximum epochs (early stop on validation plateau).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of the one-cycle schedule.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1)] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", min=1, help="Epochs without validation gain before stopping.")] = None,
+    size: SizeOpt = None,
+    set_: SetOpt = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = 0,
+    limit: LimitOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Train MODEL and write variant `torch` (model.pt) into its run folder."""
+    from .orchestrate import prepare_run
+    from .train import train, train_config_for
+
+    file_cfg = read_config_file(config)
+    root = run_dir or Path("exports") / model
+    run, ds = prepare_run(model, root, data=data, overrides={**file_cfg.get("model", {}), **parse_sets(set_)},
+                          size=size, seed=seed, limit=limit, force=force, resume=resume)
+    from .errors import ConfigError
+
+    try:
+        cfg = train_config_for(run.spec, **{**file_cfg.get("train", {}), "epochs": epochs, "lr": lr,
+                                            "batch_size": batch_size, "patience": patience, "seed": seed})
+    except TypeError as e:
+        raise ConfigError(f"bad [train] setting: {e}") from None
+    train(run, cfg, ds, resume=resume, progress=not quiet)
+    t = run.manifest["training"]
+    typer.echo(f"{model}: test accuracy {run.metrics('torch')['accuracy']:.4f} after {t['epochs_run']} epochs "
+               f"(best validation {t['best_val_accuracy']:.4f} at epoch {t['best_epoch']}, {t['seconds']} s) -> {run.path('torch')}")
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run_dir: RunArg,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the model's, 18; 23 for transformer).")] = None,
+    atol: Annotated[float, typer.Option("--atol", help="Max abs error allowed vs PyTorch on the shape grid.")] = 1e-4,
+    rtol: Annotated[float, typer.Option("--rtol", help="Relative error allowed vs PyTorch.")] = 1e-3,
+) -> None:
+    """Export the run's torch model to ONNX (dynamic batch / sequence axes), checked on a grid of shapes."""
+    from .data import reload_dataset
+    from .export import ExportConfig, export
+    from .runfolder import Run
+
+    run = Run.open(run_dir)
+    art = export(run, ExportConfig(opset=opset, atol=atol, rtol=rtol),
+                 test_inputs=reload_dataset(run.manifest["dataset"]).x_test)
+    p = next(p for p in run.manifest["parity"] if p["candidate"] == "onnx" and p["reference"] == "torch")
+    typer.echo(f"exported {run.root / art.path} (opset {art.opset}, {art.bytes / 1024:.1f} KiB); "
+               f"parity vs torch over {len(p['shapes'])} shapes: max abs {p['max_abs']:.2e}")
+
+
+@app.command("verify")
+@user_errors
+def verify_cmd(
+    run_dir: RunArg,
+    device: DeviceOpt = "cpu",
+    max_drop: Annotated[float, typer.Option("--max-drop", help="Accuracy-drop budget for lossy variants, in points.")] = 1.0,
+    min_agreement: Annotated[float, typer.Option("--min-agreement", help="Top-1 agreement budget for lossy variants.")] = 0.99,
+    atol: Annotated[float, typer.Option("--atol")] = 1e-4,
+    rtol: Annotated[float, typer.Option("--rtol")] = 1e-3,
+) -> None:
+    """Parity of every variant against its parent and torch; exit 1 if any check fails."""
+    from .data import reload_dataset
+    from .runfolder import Run
+    from .verify import VerifyConfig, verify
+
+    run = Run.open(run_dir)
+    reports = verify(run, VerifyConfig(atol=atol, rtol=rtol, max_accuracy_drop=max_drop,
+                                       min_agreement=min_agreement, device=device),
+                     reload_dataset(run.manifest["dataset"]))
+    rows = []
+    for r in reports:
+        rows.append({"reference": r.reference, "candidate": r.candidate, "rule": r.rule,
+                     "passed": "pass" if r else "FAIL", "max_abs": f"{r.max_abs:.2e}",
+                     "agreement": r.agreement, "acc_drop_pt": r.accuracy_drop, "shapes": len({tuple(c.shape) for c in r.checks})})
+    print_table(rows, ["reference", "candidate", "rule", "passed", "max_abs", "agreement", "acc_drop_pt", "shapes"],
+                title=f"parity: {run.root}")
+    failed = [r for r in reports if not r]
+    for r in failed:
+        typer.echo(r.summary(), err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("show")
+@user_errors
+def show_cmd(run_dir: RunArg) -> None:
+    """Summarize a run folder: variants, accuracy, parity, sizes."""
+    from .runfolder import Run
+
+    _summary(Run.open(run_dir))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

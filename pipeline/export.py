@@ -1,0 +1,155 @@
+"""Export stage: torch -> ONNX with the spec's names and dynamic axes, checked three ways:
+onnx.checker (full), the declared dynamic dims still symbolic, and parity against PyTorch over a
+grid of shapes. Writes variant `onnx` (model.onnx) and reference.npz (serving self-test)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_path, sha256_file
+from .errors import ConfigError, ExportError, ParityError
+from .parity import ParityReport, shape_grid, tensor_parity
+from .runfolder import Artifact, Run
+
+ONNX_FILE = "model.onnx"
+REFERENCE_FILE = "reference.npz"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int | None = None            # None: the model spec's opset
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    batches: tuple[int, ...] = (1, 7, 64)
+    seq_lens: tuple[int, ...] | None = None   # None: 1, the trained length, twice it
+
+    def __post_init__(self):
+        if self.opset is not None and not 13 <= self.opset <= 23:
+            raise ConfigError(f"opset must be between 13 and 23, got {self.opset}")
+        if self.atol < 0 or self.rtol < 0:
+            raise ConfigError("atol and rtol must be >= 0")
+        if not self.batches or min(self.batches) < 1:
+            raise ConfigError(f"batches must be positive, got {self.batches}")
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """Keep the exporter's progress lines and non-actionable warnings out of the user's terminal."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def export_module(module, spec, model_cfg, path: Path, opset: int) -> int:
+    """torch.onnx.export (dynamo) of `module` to `path` (atomically). Returns the opset written."""
+    import onnx
+    import torch
+    from torch.export import Dim
+
+    module = module.eval()
+    example = spec.example_inputs(model_cfg, batch=2)  # batch 2: sizes 0/1 would be specialized
+    max_len = getattr(model_cfg, "max_len", 4096)
+    dims = {}
+    dynamic_shapes = {}
+    for s in spec.input_specs(model_cfg):
+        axes = {}
+        for ax, name in s.dynamic.items():
+            if name not in dims:
+                dims[name] = Dim(name, min=1, max=max_len if ax == 1 else 1 << 20)
+            axes[ax] = dims[name]
+        dynamic_shapes[s.name] = axes
+    # A second dynamo export of an RNN in one process silently fixes the sequence axis unless reset.
+    torch._dynamo.reset()
+    with atomic_path(path) as tmp:
+        try:
+            with quiet_exporter():
+                program = torch.onnx.export(
+                    module, example, None, dynamo=True, opset_version=opset,
+                    input_names=[s.name for s in spec.inputs], output_names=list(spec.output_names),
+                    dynamic_shapes=dynamic_shapes, verbose=False,
+                )
+                program.save(str(tmp), external_data=False)
+        except Exception as e:  # the exporter raises many internal types; report them as one
+            raise ExportError(f"torch.onnx.export failed for {spec.name}: {str(e).splitlines()[0][:400]}") from e
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"exported graph fails onnx.checker: {str(e).splitlines()[0][:400]}") from None
+        check_dynamic_dims(onnx.load(str(tmp), load_external_data=False), spec)
+    return onnx_opset(path)
+
+
+def onnx_opset(path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def check_dynamic_dims(model, spec) -> None:
+    """Every axis the spec declares dynamic must still be a symbolic dim in the ONNX inputs."""
+    inputs = {i.name: i for i in model.graph.input}
+    problems = []
+    for s in spec.inputs:
+        if s.name not in inputs:
+            problems.append(f"input {s.name!r} is missing from the graph")
+            continue
+        dims = inputs[s.name].type.tensor_type.shape.dim
+        for ax, name in s.dynamic.items():
+            if ax >= len(dims) or not dims[ax].dim_param:
+                fixed = dims[ax].dim_value if ax < len(dims) else "missing"
+                problems.append(f"input {s.name!r} axis {ax} ({name}) is fixed to {fixed}")
+    if problems:
+        raise ExportError("exported graph lost its dynamic axes: " + "; ".join(problems)
+                          + " (exporter trap: the graph would only accept the example shape)")
+
+
+def export(run: Run, cfg: ExportConfig, *, test_inputs: np.ndarray | None = None) -> Artifact:
+    """Export variant `torch` to variant `onnx` and gate it on grid parity."""
+    from .runtime import make_session
+    from .train import load_torch_model
+    from .variants import load_predictor
+
+    spec, model_cfg = run.spec, run.model_config()
+    module = load_torch_model(run, "torch")
+    opset = cfg.opset or spec.opset
+    path = run.root / ONNX_FILE
+    written = export_module(module, spec, model_cfg, path, opset)
+
+    torch_fn = load_predictor(run, "torch")
+    session = make_session(path, device="cpu")
+    report = tensor_parity("torch", "onnx", torch_fn, session, shape_grid(spec, model_cfg, cfg.batches, cfg.seq_lens),
+                           atol=cfg.atol, rtol=cfg.rtol, output_names=spec.output_names)
+    if not report:
+        path.unlink()
+        raise ParityError(report)
+    art = run.add_artifact("onnx", ONNX_FILE, stage="export", parent="torch", config=asdict(cfg), opset=written,
+                           extra={"requested_opset": opset}, save=False)
+    run.record_parity(report.to_json(), save=False)
+    if test_inputs is not None:
+        write_reference(run, torch_fn, test_inputs[:8])
+    run.save()
+    return art
+
+
+def write_reference(run: Run, torch_fn, inputs: np.ndarray) -> None:
+    """A few real inputs and the torch outputs for them: the serving self-test replays these."""
+    path = run.root / REFERENCE_FILE
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, inputs=inputs, outputs=torch_fn(inputs))
+    run.manifest["reference"] = {"path": REFERENCE_FILE, "sha256": sha256_file(path), "variant": "torch"}

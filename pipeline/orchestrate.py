@@ -1,0 +1,139 @@
+"""`onnxpipe run`: every stage, in order, for each model.
+
+A stage is a function `(run, ctx) -> None` registered in STAGES; later stages (optimize,
+quantize, distill, bench, report) plug in by adding one entry, without touching the loop."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .data import Dataset, load_dataset, reload_dataset
+from .errors import ConfigError, DataError, OnnxpipeError, RunFolderError
+from .runfolder import Run
+
+
+@dataclass
+class Context:
+    """What the stages of one model's run share: options and the data, loaded once."""
+
+    data: str = "digits"
+    seed: int = 0
+    limit: int | None = None
+    progress: bool = True
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    stage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dataset: Dataset | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def data_for(self, run: Run) -> Dataset:
+        if self.dataset is None:
+            self.dataset = reload_dataset(run.manifest["dataset"])
+        return self.dataset
+
+    def options(self, stage: str) -> dict[str, Any]:
+        return self.stage_options.get(stage, {})
+
+
+def prepare_run(model: str, root: Path, *, data: str = "digits", overrides: dict | None = None, size: str | None = None,
+                seed: int = 0, limit: int | None = None, force: bool = False, resume: bool = False) -> tuple[Run, Dataset]:
+    """Open (resume) or create the run folder for `model`, with the data loaded and the config adapted to it."""
+    from models import get_model
+
+    if resume:
+        run = Run.open(root)
+        if run.model_name != model:
+            raise RunFolderError(f"{root} holds a {run.model_name!r} run, not {model!r}")
+        return run, reload_dataset(run.manifest["dataset"])
+    spec = get_model(model)
+    try:
+        cfg = spec.make_config(overrides, size)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    ds = load_dataset(data, spec.family, image_size=getattr(cfg, "image_size", 28), num_classes=cfg.num_classes,
+                      seed=seed, limit=limit)
+    try:
+        cfg = spec.adapt_to_data(cfg, ds.sample_shape)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    run = Run.create(root, model, asdict(cfg), ds.info, force=force)
+    run.manifest["size"] = size or "default"
+    run.save()
+    return run, ds
+
+
+# --- the stages --------------------------------------------------------------------------------------
+
+def stage_train(run: Run, ctx: Context) -> None:
+    from .train import train, train_config_for
+
+    cfg = train_config_for(run.spec, seed=ctx.seed, **ctx.train_overrides)
+    train(run, cfg, ctx.data_for(run), progress=ctx.progress)
+
+
+def stage_export(run: Run, ctx: Context) -> None:
+    from .export import ExportConfig, export
+
+    export(run, ExportConfig(**ctx.options("export")), test_inputs=ctx.data_for(run).x_test)
+
+
+def stage_verify(run: Run, ctx: Context) -> None:
+    from .errors import ParityError
+    from .verify import VerifyConfig, verify
+
+    reports = verify(run, VerifyConfig(**ctx.options("verify")), ctx.data_for(run))
+    failed = [r for r in reports if not r]
+    if failed:
+        raise ParityError(failed[0])
+
+
+StageFn = Callable[[Run, Context], None]
+STAGES: list[tuple[str, StageFn]] = [
+    ("train", stage_train),
+    ("export", stage_export),
+    ("verify", stage_verify),
+]
+
+
+def run_model(model: str, root: Path, ctx: Context, *, overrides: dict | None = None, size: str | None = None,
+              force: bool = False, stages: list[str] | None = None, on_stage: Callable[[str, str], None] | None = None) -> Run:
+    run, ds = prepare_run(model, root, data=ctx.data, overrides=overrides, size=size, seed=ctx.seed,
+                          limit=ctx.limit, force=force)
+    ctx.dataset = ds
+    names = [n for n, _ in STAGES]
+    unknown = set(stages or []) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(names)}")
+    for name, fn in STAGES:
+        if stages and name not in stages:
+            continue
+        if on_stage:
+            on_stage(model, name)
+        t0 = time.monotonic()
+        fn(run, ctx)
+        ctx.timings[name] = round(time.monotonic() - t0, 2)
+    run.manifest.setdefault("timings", {}).update(ctx.timings)
+    run.save()
+    return run
+
+
+def summary_rows(run: Run) -> list[dict]:
+    """One row per variant: accuracy, parity against its parent, size."""
+    parity = {(p["reference"], p["candidate"]): p for p in run.manifest["parity"]}
+    rows = []
+    for v in run.variants():
+        art = run.artifact(v)
+        p = parity.get((art.parent, v)) if art.parent else None
+        if p is None:
+            check = "-"
+        elif p["rule"] == "tensor":
+            check = f"{'pass' if p['passed'] else 'FAIL'} max|d| {p['max_abs']:.1e}"
+        else:
+            check = f"{'pass' if p['passed'] else 'FAIL'} agree {p['agreement']:.3f}"
+        rows.append({
+            "model": run.model_name, "variant": v, "parent": art.parent or "-",
+            "accuracy": run.metrics(v).get("accuracy"), "parity": check, "bytes": art.bytes,
+            "selected": run.manifest.get("selected") == v,
+        })
+    return rows

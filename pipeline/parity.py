@@ -1,0 +1,178 @@
+"""Parity checks. A comparison returns a report; the caller decides (and raises ParityError).
+
+Two rules (DESIGN.md, parity policy):
+  tensor  lossless steps: every element within atol + rtol*|ref|, over a grid of input shapes
+  task    lossy steps: top-1 agreement and accuracy drop on held-out data, tensor stats beside them
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class TensorCheck:
+    """One output compared at one input shape."""
+
+    output: str
+    shape: list[int]
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    passed: bool
+    worst_index: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ParityReport:
+    reference: str
+    candidate: str
+    rule: str                              # "tensor" or "task"
+    checks: list[TensorCheck] = field(default_factory=list)
+    atol: float | None = None
+    rtol: float | None = None
+    # task rule
+    agreement: float | None = None
+    reference_accuracy: float | None = None
+    candidate_accuracy: float | None = None
+    max_accuracy_drop: float | None = None  # in points (percent)
+    min_agreement: float | None = None
+    cosine: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        if self.reference_accuracy is None or self.candidate_accuracy is None:
+            return None
+        return 100.0 * (self.reference_accuracy - self.candidate_accuracy)
+
+    @property
+    def passed(self) -> bool:
+        if self.rule == "tensor":
+            return bool(self.checks) and all(c.passed for c in self.checks)
+        ok = True
+        if self.min_agreement is not None:
+            ok &= self.agreement is not None and self.agreement >= self.min_agreement
+        if self.max_accuracy_drop is not None:
+            ok &= self.accuracy_drop is not None and self.accuracy_drop <= self.max_accuracy_drop + 1e-9
+        return ok
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def max_abs(self) -> float:
+        return max((c.max_abs for c in self.checks), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((c.max_rel for c in self.checks), default=0.0)
+
+    def failing(self) -> list[TensorCheck]:
+        return [c for c in self.checks if not c.passed]
+
+    def summary(self) -> str:
+        head = f"parity {self.reference} -> {self.candidate} ({self.rule} rule): {'PASS' if self else 'FAIL'}"
+        lines = [head]
+        if self.rule == "tensor":
+            lines.append(f"  tolerance atol={self.atol:g} rtol={self.rtol:g}; max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g} "
+                         f"over {len(self.checks)} output/shape checks")
+            for c in self.failing():
+                lines.append(f"  FAIL output {c.output!r} at input shape {c.shape}: max abs {c.max_abs:.3g} "
+                             f"(at {c.worst_index}), max rel {c.max_rel:.3g}, mean abs {c.mean_abs:.3g}")
+        else:
+            lines.append(
+                f"  agreement {self.agreement:.4f} (min {self.min_agreement}), accuracy {self.reference_accuracy:.4f} -> "
+                f"{self.candidate_accuracy:.4f} (drop {self.accuracy_drop:.2f} pt, budget {self.max_accuracy_drop} pt); "
+                f"logits max abs {self.max_abs:.3g}, cosine {self.cosine:.5f}"
+            )
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        d = {
+            "reference": self.reference, "candidate": self.candidate, "rule": self.rule, "passed": self.passed,
+            "max_abs": self.max_abs, "max_rel": self.max_rel,
+            "shapes": sorted({tuple(c.shape) for c in self.checks}),
+        }
+        if self.rule == "tensor":
+            d.update(atol=self.atol, rtol=self.rtol, failing=[c.to_json() for c in self.failing()])
+        else:
+            d.update(agreement=self.agreement, reference_accuracy=self.reference_accuracy,
+                     candidate_accuracy=self.candidate_accuracy, accuracy_drop=self.accuracy_drop,
+                     max_accuracy_drop=self.max_accuracy_drop, min_agreement=self.min_agreement, cosine=self.cosine)
+        d["shapes"] = [list(s) for s in d["shapes"]]
+        if self.notes:
+            d["notes"] = self.notes
+        return d
+
+
+def compare_tensor(ref: np.ndarray, cand: np.ndarray, *, output: str, shape, atol: float, rtol: float) -> TensorCheck:
+    ref = np.asarray(ref, dtype=np.float64)
+    cand = np.asarray(cand, dtype=np.float64)
+    if ref.shape != cand.shape:
+        return TensorCheck(output, list(shape), float("inf"), float("inf"), float("inf"), False,
+                           worst_index=[f"shape {list(cand.shape)} != {list(ref.shape)}"])
+    diff = np.abs(ref - cand)
+    if not np.all(np.isfinite(cand)):
+        diff = np.where(np.isfinite(cand), diff, np.inf)
+    rel = diff / np.maximum(np.abs(ref), 1e-12)
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()
+    return TensorCheck(
+        output=output, shape=[int(s) for s in shape],
+        max_abs=float(diff.max()) if diff.size else 0.0,
+        max_rel=float(rel.max()) if rel.size else 0.0,
+        mean_abs=float(diff.mean()) if diff.size else 0.0,
+        passed=bool(np.all(diff <= atol + rtol * np.abs(ref))),
+        worst_index=[int(i) for i in worst],
+    )
+
+
+def shape_grid(spec, model_cfg, batches=(1, 7, 64), seq_lens: tuple[int, ...] | None = None) -> list[tuple]:
+    """Input tuples over the grid: every batch size, and for sequence models lengths 1, T and 2T."""
+    grid = []
+    has_seq = any(1 in s.dynamic for s in spec.inputs)
+    if has_seq:
+        t = getattr(model_cfg, "seq_len")
+        lens = seq_lens or tuple(sorted({1, t, 2 * t}))
+    else:
+        lens = (None,)
+    for b in batches:
+        for t in lens:
+            grid.append(spec.example_inputs(model_cfg, batch=b, seq_len=t))
+    return grid
+
+
+def tensor_parity(reference: str, candidate: str, ref_fn, cand_fn, grid, *, atol: float, rtol: float,
+                  output_names=("logits",)) -> ParityReport:
+    """Run both functions on every input tuple of the grid and compare every output."""
+    report = ParityReport(reference, candidate, "tensor", atol=atol, rtol=rtol)
+    for inputs in grid:
+        shape = list(inputs[0].shape)
+        r, c = ref_fn(*inputs), cand_fn(*inputs)
+        rs, cs = (r if isinstance(r, (list, tuple)) else [r]), (c if isinstance(c, (list, tuple)) else [c])
+        for name, a, b in zip(output_names, rs, cs):
+            report.checks.append(compare_tensor(a, b, output=name, shape=shape, atol=atol, rtol=rtol))
+    return report
+
+
+def task_parity(reference: str, candidate: str, ref_logits: np.ndarray, cand_logits: np.ndarray, labels: np.ndarray,
+                *, max_accuracy_drop: float, min_agreement: float) -> ParityReport:
+    """Agreement, accuracy drop and logit statistics on held-out data."""
+    ref_logits = np.asarray(ref_logits, np.float64)
+    cand_logits = np.asarray(cand_logits, np.float64)
+    check = compare_tensor(ref_logits, cand_logits, output="logits", shape=ref_logits.shape, atol=np.inf, rtol=0)
+    num = (ref_logits * cand_logits).sum(1)
+    den = np.linalg.norm(ref_logits, axis=1) * np.linalg.norm(cand_logits, axis=1)
+    cosine = float(np.mean(num / np.maximum(den, 1e-12)))
+    return ParityReport(
+        reference, candidate, "task", checks=[check],
+        agreement=float((ref_logits.argmax(1) == cand_logits.argmax(1)).mean()),
+        reference_accuracy=float((ref_logits.argmax(1) == labels).mean()),
+        candidate_accuracy=float((cand_logits.argmax(1) == labels).mean()),
+        max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, cosine=cosine,
+    )

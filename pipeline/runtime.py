@@ -1,0 +1,117 @@
+"""The one place that builds ONNX Runtime sessions.
+
+The execution provider is chosen explicitly (auto | cpu | cuda) and read back from the
+session: a CUDA request that ORT cannot honour is an error, never a silent CPU run."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .errors import ArtifactError, ConfigError, DeviceError
+
+Device = Literal["auto", "cpu", "cuda"]
+OPT_LEVELS = ("disable", "basic", "extended", "layout", "all")
+
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def resolve_providers(device: str) -> list[str]:
+    """Providers to ask ORT for, in order. Raises DeviceError when CUDA is asked for and absent."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
+    have = available_providers()
+    if device == "cpu":
+        return [CPU_EP]
+    if device == "cuda":
+        if CUDA_EP not in have:
+            raise DeviceError(
+                f"--device cuda was requested but ONNX Runtime has no CUDA provider here (available: {', '.join(have)}); "
+                "install onnxruntime-gpu (pip install -e \".[cuda]\") on a machine with an NVIDIA GPU, or use --device cpu"
+            )
+        return [CUDA_EP, CPU_EP]
+    return [CUDA_EP, CPU_EP] if CUDA_EP in have else [CPU_EP]
+
+
+def physical_cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+@dataclass
+class Session:
+    """An ORT InferenceSession plus what it really runs on."""
+
+    inner: object
+    path: Path
+    providers: list[str]
+    device: str
+    threads: int
+    opt_level: str
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+    input_types: list[str] = field(default_factory=list)
+
+    def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
+        feeds = {}
+        for name, kind, x in zip(self.input_names, self.input_types, inputs):
+            want = np.float16 if kind == "tensor(float16)" else np.int64 if kind == "tensor(int64)" else np.float32
+            feeds[name] = np.ascontiguousarray(x, dtype=want)
+        return self.inner.run(self.output_names, feeds)
+
+    def __call__(self, *inputs: np.ndarray) -> np.ndarray:
+        """The first output (logits) as float32."""
+        return np.asarray(self.run(*inputs)[0], dtype=np.float32)
+
+
+def make_session(path: str | Path, *, device: str = "auto", threads: int | None = None,
+                 opt_level: str = "all", optimized_model_path: str | Path | None = None) -> Session:
+    """Build a session for the ONNX file at `path` (whose sha256 the caller has checked)."""
+    import onnxruntime as ort
+
+    if opt_level not in OPT_LEVELS:
+        raise ConfigError(f"unknown graph optimization level {opt_level!r}; use one of {', '.join(OPT_LEVELS)}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    providers = resolve_providers(device)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "layout": getattr(ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opt_level]
+    n = threads or physical_cores()
+    so.intra_op_num_threads = n
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only: ORT's warnings are not actionable for users here
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    try:
+        inner = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
+        msg = str(e).splitlines()[0][:300]
+        raise ArtifactError(f"ONNX Runtime cannot load {path}: {msg}; the file is corrupt or not an ONNX model") from None
+    got = list(inner.get_providers())
+    if device == "cuda" and got[0] != CUDA_EP:
+        raise DeviceError(
+            f"--device cuda was requested but the session runs on {got[0]} (CUDA failed to initialize: check the "
+            "CUDA/cuDNN libraries onnxruntime-gpu needs); use --device cpu to run on the CPU"
+        )
+    return Session(
+        inner=inner, path=Path(path), providers=got, device="cuda" if got[0] == CUDA_EP else "cpu",
+        threads=n, opt_level=opt_level,
+        input_names=[i.name for i in inner.get_inputs()],
+        output_names=[o.name for o in inner.get_outputs()],
+        input_types=[i.type for i in inner.get_inputs()],
+    )

@@ -1,0 +1,190 @@
+"""Train stage: Adam + one-cycle schedule, seeded and deterministic on CPU, early stop on
+validation plateau, resumable checkpoints. Writes variant `torch` (model.pt)."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .atomic import atomic_path
+from .data import Dataset
+from .errors import ConfigError, RunFolderError
+from .runfolder import Artifact, Run
+
+CHECKPOINT = "checkpoints/last.pt"
+WEIGHTS = "model.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    lr: float = 3e-3
+    batch_size: int = 32
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    patience: int = 8          # epochs without a better validation accuracy before stopping
+    augment_shift: int = 0     # random +/- pixel shifts for image models (0 = off)
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.patience < 1:
+            raise ConfigError(f"patience must be >= 1, got {self.patience}")
+
+
+def train_config_for(spec, **overrides) -> TrainConfig:
+    """The model's tuned defaults, then explicit overrides (None means 'keep the default')."""
+    values = {**spec.train_defaults, **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig(**values)
+
+
+def set_determinism(seed: int, threads: int | None = None) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 256) -> tuple[float, np.ndarray]:
+    """Accuracy and logits of a torch model on arrays."""
+    model.eval()
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            outs.append(model(torch.from_numpy(x[i:i + batch])).numpy())
+    logits = np.concatenate(outs) if outs else np.zeros((0,))
+    return float((logits.argmax(1) == y).mean()), logits
+
+
+def _shift(batch: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
+    """Random translation of (N, C, H, W) images by up to max_shift pixels (zero fill = background)."""
+    n = batch.shape[0]
+    dx = torch.randint(-max_shift, max_shift + 1, (n,), generator=g)
+    dy = torch.randint(-max_shift, max_shift + 1, (n,), generator=g)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, 0, 2] = -2 * dx / batch.shape[3]
+    theta[:, 1, 2] = -2 * dy / batch.shape[2]
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    bg = batch.amin(dim=(1, 2, 3), keepdim=True)
+    return F.grid_sample(batch - bg, grid, align_corners=False, padding_mode="zeros") + bg
+
+
+def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, *, checkpoint: Path | None = None,
+        resume: bool = False, loss_fn=None, desc: str = "train", progress: bool = True) -> dict:
+    """Train `model` in place and leave it holding the best-validation weights. Returns the history.
+
+    `loss_fn(logits, y, x_batch)` replaces cross-entropy (distillation uses it)."""
+    from tqdm.auto import tqdm
+
+    set_determinism(cfg.seed, cfg.threads)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(ds.x_train) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=0.2)
+    state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "history": []}
+    best_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    if resume:
+        if checkpoint is None or not checkpoint.is_file():
+            raise RunFolderError(f"nothing to resume: no checkpoint at {checkpoint}")
+        ck = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        best_weights = ck["best_weights"]
+        state = {k: ck[k] for k in ("epoch", "best_val", "best_epoch", "history")}
+    x_train, y_train = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
+    loss_fn = loss_fn or (lambda logits, y, xb: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
+    bar = tqdm(total=cfg.epochs, initial=state["epoch"], desc=desc, unit="epoch", file=sys.stderr,
+               disable=not progress, leave=False, dynamic_ncols=True)
+    t0 = time.monotonic()
+    for epoch in range(state["epoch"], cfg.epochs):
+        if epoch - state["best_epoch"] >= cfg.patience and state["best_val"] >= 0:
+            break  # validation accuracy has not improved for `patience` epochs
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # per-epoch stream: resume is exact
+        torch.manual_seed(cfg.seed * 100_003 + epoch)                  # dropout
+        model.train()
+        perm = torch.randperm(len(x_train), generator=g)
+        total = 0.0
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            xb, yb = x_train[idx], y_train[idx]
+            if cfg.augment_shift and xb.ndim == 4:
+                xb = _shift(xb, cfg.augment_shift, g)
+            loss = loss_fn(model(xb), yb, xb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        val_acc, _ = evaluate(model, ds.x_val, ds.y_val)
+        train_loss = total / len(perm)
+        state["history"].append({"epoch": epoch + 1, "loss": round(train_loss, 5), "val_accuracy": round(val_acc, 5)})
+        if val_acc > state["best_val"]:
+            state.update(best_val=val_acc, best_epoch=epoch)
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state["epoch"] = epoch + 1
+        bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.3f}")
+        bar.update(1)
+        if checkpoint is not None:
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "best_weights": best_weights, **state}, tmp)
+    bar.close()
+    model.load_state_dict(best_weights)
+    state["seconds"] = round(time.monotonic() - t0, 2)
+    state["stopped_early"] = state["epoch"] < cfg.epochs
+    return state
+
+
+def save_weights(path: Path, model_name: str, cfg, state_dict: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"model": model_name, "config": asdict(cfg), "state_dict": state_dict}, tmp)
+
+
+def load_torch_model(run: Run, variant: str = "torch") -> nn.Module:
+    """Rebuild a torch variant from its checkpoint (sha256-checked; weights_only load)."""
+    from models import get_model, replace_config
+
+    path = run.path(variant)
+    ck = torch.load(path, weights_only=True)
+    spec = get_model(ck["model"])
+    model = spec.build(replace_config(spec.config_cls(), ck["config"]))
+    model.load_state_dict(ck["state_dict"])
+    return model.eval()
+
+
+def train(run: Run, cfg: TrainConfig, ds: Dataset, *, resume: bool = False, progress: bool = True) -> Artifact:
+    """Train the run's model on `ds` and record variant `torch` with its test accuracy."""
+    spec = run.spec
+    model_cfg = run.model_config()
+    set_determinism(cfg.seed, cfg.threads)  # seeds the initialization too
+    model = spec.build(model_cfg)
+    history = fit(model, ds, cfg, checkpoint=run.root / CHECKPOINT, resume=resume,
+                  desc=f"train {run.model_name}", progress=progress)
+    test_acc, _ = evaluate(model, ds.x_test, ds.y_test)
+    save_weights(run.root / WEIGHTS, spec.name, model_cfg, model.state_dict())
+    params = sum(p.numel() for p in model.parameters())
+    art = run.add_artifact("torch", WEIGHTS, stage="train", format="torch", config=asdict(cfg),
+                           extra={"params": params}, save=False)
+    run.manifest["training"] = {
+        "epochs_run": history["epoch"], "best_epoch": history["best_epoch"] + 1,
+        "best_val_accuracy": history["best_val"], "stopped_early": history["stopped_early"],
+        "seconds": history["seconds"], "history": history["history"],
+    }
+    run.set_metrics("torch", accuracy=test_acc, params=params)
+    return art
