@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny trained runs (a few epochs on a digits subset), built once per session.
+
+Tests that change a run must work on a copy: `copy_run(tiny_run("cnn"), tmp_path)`."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import models  # noqa: F401  (registers the built-in models)
+
+TINY_TRAIN = {"epochs": 3, "lr": 3e-3, "patience": 3}
+TINY_LIMIT = 400
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where ONNX Runtime has a CUDA provider."""
+    try:
+        import onnxruntime as ort
+
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: onnxruntime-gpu and an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """tiny_run(model) -> Path of a run folder with variants torch and onnx, made once per session."""
+    from pipeline.orchestrate import Context, run_model
+
+    cache: dict[str, Path] = {}
+
+    def make(model: str) -> Path:
+        if model not in cache:
+            root = tmp_path_factory.mktemp("runs") / model
+            ctx = Context(limit=TINY_LIMIT, progress=False, train_overrides=dict(TINY_TRAIN))
+            run_model(model, root, ctx, stages=["train", "export"])
+            cache[model] = root
+        return cache[model]
+
+    return make
+
+
+def copy_run(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture
+def copy_of(tiny_run, tmp_path):
+    """copy_of(model) -> a private copy of the tiny run, safe to modify."""
+    return lambda model: copy_run(tiny_run(model), tmp_path)
