@@ -7,14 +7,14 @@ import contextlib
 import io
 import logging
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_path, sha256_file
 from .errors import ConfigError, ExportError, ParityError
-from .parity import ParityReport, shape_grid, tensor_parity
+from .parity import shape_grid, tensor_parity
 from .runfolder import Artifact, Run
 
 ONNX_FILE = "model.onnx"
@@ -142,6 +142,8 @@ def export(run: Run, cfg: ExportConfig, *, test_inputs: np.ndarray | None = None
     run.record_parity(report.to_json(), save=False)
     if test_inputs is not None:
         write_reference(run, torch_fn, test_inputs[:8])
+    if not run.manifest.get("selected"):
+        run.manifest["selected"] = "onnx"  # the only deployable variant until compression chooses
     run.save()
     return art
 
