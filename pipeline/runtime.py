@@ -74,8 +74,12 @@ class Session:
 
 
 def make_session(path: str | Path, *, device: str = "auto", threads: int | None = None,
-                 opt_level: str = "all", optimized_model_path: str | Path | None = None) -> Session:
-    """Build a session for the ONNX file at `path` (whose sha256 the caller has checked)."""
+                 opt_level: str = "all", optimized_model_path: str | Path | None = None,
+                 spinning: bool | None = None) -> Session:
+    """Build a session for the ONNX file at `path` (whose sha256 the caller has checked).
+
+    `spinning=False` stops idle intra-op threads from busy-waiting after a run: needed when several
+    sessions (or torch) take turns on the same cores, as in interleaved timing. None keeps ORT's default."""
     import onnxruntime as ort
 
     if opt_level not in OPT_LEVELS:
@@ -97,6 +101,8 @@ def make_session(path: str | Path, *, device: str = "auto", threads: int | None 
     so.log_severity_level = 3  # errors only: ORT's warnings are not actionable for users here
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
+    if spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     try:
         inner = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types

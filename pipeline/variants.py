@@ -11,7 +11,7 @@ Predictor = Callable[..., np.ndarray]
 
 
 def load_predictor(run: Run, variant: str, *, device: str = "cpu", threads: int | None = None,
-                   opt_level: str = "all") -> Predictor:
+                   opt_level: str = "all", spinning: bool | None = None) -> Predictor:
     """A callable on numpy inputs returning float32 logits. The artifact's sha256 is checked first."""
     art = run.artifact(variant)
     if art.format == "torch":
@@ -29,7 +29,7 @@ def load_predictor(run: Run, variant: str, *, device: str = "cpu", threads: int 
         return predict
     from .runtime import make_session
 
-    return make_session(run.path(variant), device=device, threads=threads, opt_level=opt_level)
+    return make_session(run.path(variant), device=device, threads=threads, opt_level=opt_level, spinning=spinning)
 
 
 def predict_batched(fn: Predictor, x: np.ndarray, batch: int = 256) -> np.ndarray:
