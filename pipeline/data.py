@@ -144,14 +144,18 @@ def _check_labels(y: np.ndarray, num_classes: int, where: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _shape_for(x: np.ndarray, family: str, image_size: int, where: str) -> np.ndarray:
-    """(N,H,W) / (N,1,H,W) / (N,T,F) -> (N,1,S,S) for images or (N,T,F) for sequences."""
-    if x.ndim == 4 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.ndim != 3:
+def _check_rank(x: np.ndarray, where: str) -> None:
+    if not (x.ndim == 3 or (x.ndim == 4 and x.shape[1] == 1)):
         raise DataError(
             f"{where}: x has shape {x.shape}; expected (N, H, W) or (N, 1, H, W) images, or (N, T, F) sequences"
         )
+
+
+def _shape_for(x: np.ndarray, family: str, image_size: int, where: str) -> np.ndarray:
+    """(N,H,W) / (N,1,H,W) / (N,T,F) -> (N,1,S,S) for images or (N,T,F) for sequences."""
+    _check_rank(x, where)
+    if x.ndim == 4:
+        x = x[:, 0]
     x = x.astype(np.float32)
     if family == "sequence":
         return x
@@ -217,6 +221,9 @@ def load_dataset(
         raise DataError(f"unknown data source {source!r}; use digits, mnist:DIR or npz:FILE")
 
     fingerprint = _fingerprint(x, y) if x_test is None else _fingerprint(x, y, x_test, y_test)
+    _check_rank(x, source)
+    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+        raise DataError(f"{source}: x holds NaN or infinite values; clean the data first")
     y = _check_labels(y, num_classes, source)
     if x_test is None:
         train_idx, val_idx, test_idx = stratified_split(y, (1 - val_fraction - test_fraction, val_fraction), seed)

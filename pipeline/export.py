@@ -72,8 +72,7 @@ def export_module(module, spec, model_cfg, path: Path, opset: int) -> int:
                 dims[name] = Dim(name, min=1, max=max_len if ax == 1 else 1 << 20)
             axes[ax] = dims[name]
         dynamic_shapes[s.name] = axes
-    # A second dynamo export of an RNN in one process silently fixes the sequence axis unless reset.
-    torch._dynamo.reset()
+    _reset_exporter_state()
     with atomic_path(path) as tmp:
         try:
             with quiet_exporter():
@@ -91,6 +90,21 @@ def export_module(module, spec, model_cfg, path: Path, opset: int) -> int:
             raise ExportError(f"exported graph fails onnx.checker: {str(e).splitlines()[0][:400]}") from None
         check_dynamic_dims(onnx.load(str(tmp), load_external_data=False), spec)
     return onnx_opset(path)
+
+
+def _reset_exporter_state() -> None:
+    """Undo process state that breaks a second dynamo export of an RNN.
+
+    The exporter swaps in while-loop RNN kernels (which keep T dynamic) only for the capture, but the
+    ops' dispatch caches keep the unrolled kernel from earlier calls, so a second LSTM/GRU export in
+    one process would specialize T to the example length. torch._dynamo.reset() alone does not help."""
+    import torch
+
+    torch._dynamo.reset()
+    for op in (torch.ops.aten.lstm.input, torch.ops.aten.gru.input, torch.ops.aten.lstm.data, torch.ops.aten.gru.data):
+        cache = getattr(op, "_dispatch_cache", None)
+        if cache is not None:
+            cache.clear()
 
 
 def onnx_opset(path: Path) -> int:
