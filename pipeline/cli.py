@@ -108,7 +108,10 @@ def print_table(rows: list[dict], columns: list[str], title: str | None = None) 
         table.add_column(c, justify="right" if c not in ("model", "variant", "parent", "parity", "stage") else "left")
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in columns])
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # a log file or pipe has no width to fit: don't cut columns to 80
+    console.print(table)
 
 
 def _fmt(v) -> str:
@@ -289,6 +292,71 @@ def show_cmd(run_dir: RunArg) -> None:
     from .runfolder import Run
 
     _summary(Run.open(run_dir))
+
+
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    """'1,64' -> (1, 64); a typed ConfigError naming the option for anything else."""
+    from .errors import ConfigError
+
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"bad {option} {text!r}: expected comma-separated positive integers, e.g. {option} 1,64") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"bad {option} {text!r}: expected comma-separated positive integers, e.g. {option} 1,64")
+    return values
+
+
+def _bench_display(row: dict) -> dict:
+    """A bench row with short, fixed-precision strings for the terminal."""
+    def num(v, fmt):
+        return None if v is None else format(v, fmt)
+
+    return {
+        "variant": row["variant"] + (" *" if row["selected"] else ""), "threads": row["threads"], "batch": row["batch"],
+        "p50_ms": num(row["p50_ms"], ".3f"), "p90_ms": num(row["p90_ms"], ".3f"), "p99_ms": num(row["p99_ms"], ".3f"),
+        "rows/s": num(row["rows_s"], ".0f"), "x torch": num(row["x_torch"], ".2f"), "GFLOP/s": num(row["gflops"], ".1f"),
+        "% peak": num(row["pct_peak"], ".0f"), "limit": row["limit"], "kind": row["kind"],
+        "MFLOP/row": num(None if row["flops_per_row"] is None else row["flops_per_row"] / 1e6, ".3f"),
+        "size KiB": num(row["size_kib"], ".1f"), "peak RSS MB": num(row["rss_mb"], ".0f"),
+        "accuracy": num(row["accuracy"], ".4f"),
+    }
+
+
+@app.command("bench")
+@user_errors
+def bench_cmd(
+    run_dir: RunArg,
+    batch: Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes.")] = "1,64",
+    threads: Annotated[Optional[str], typer.Option("--threads", help="Comma-separated intra-op thread counts (default: 1 and all cores).")] = None,
+    device: DeviceOpt = "cpu",
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed rounds before timing.")] = 5,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed rounds per cell (every variant once per round).")] = 30,
+    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated subset of variants (torch is always included).")] = None,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure the peak RSS of a fresh process per variant.")] = True,
+) -> None:
+    """Time every variant side by side with PyTorch eager; FLOPs, fraction of the machine's peak, memory."""
+    from .bench import BenchConfig, bench, bench_rows
+    from .runfolder import Run
+
+    cfg = BenchConfig(batches=parse_int_list(batch, "--batch"),
+                      threads=parse_int_list(threads, "--threads") if threads else None, device=device,
+                      warmup=warmup, runs=runs, memory=memory,
+                      variants=tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None)
+    run = Run.open(run_dir)
+    info = bench(run, cfg, log=lambda msg: typer.echo(msg, err=True))
+    rows = bench_rows(run)
+    print_table([_bench_display(r) for r in rows],
+                ["variant", "threads", "batch", "p50_ms", "p90_ms", "p99_ms", "rows/s", "x torch", "GFLOP/s", "% peak",
+                 "limit"], title=f"bench: {run.root} ({info['machine']['cpu']}, device {cfg.device})")
+    per_variant = {r["variant"]: _bench_display(r) for r in rows}
+    print_table(list(per_variant.values()), ["variant", "kind", "MFLOP/row", "size KiB", "peak RSS MB", "accuracy"])
+    for t, lim in info["limits"].items():
+        for b, x in lim["by_batch"].items():
+            typer.echo(f"limits at {t} thread(s), measured in the batch-{b} rounds: FP32 matmul {x['fp32_gflops']:.0f} GFLOP/s, "
+                       f"INT8 matmul {x['int8_gops']:.0f} GOP/s, per-call overhead ORT {1000 * x['overhead_ms']:.0f} us, "
+                       f"torch {1000 * x['torch_overhead_ms']:.0f} us")
+    typer.echo(f"results in {run.root / 'manifest.json'} (metrics.<variant>.bench)")
 
 
 def main() -> None:

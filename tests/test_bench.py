@@ -1,0 +1,79 @@
+"""bench on a tiny run: the manifest gets every variant's metrics with sane values; bad options are clear errors."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.bench import BenchConfig, bench, bench_rows
+from pipeline.cli import app
+from pipeline.errors import ConfigError
+from pipeline.peak import measure_peak
+from pipeline.runfolder import Run
+
+CELL_KEYS = {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "runs", "throughput_rows_s", "speedup_vs_torch",
+             "gflops", "fraction_of_peak", "compute_floor_ms", "overhead_ms", "limit"}
+
+
+@pytest.fixture(scope="module")
+def benched(tiny_run, tmp_path_factory):
+    from tests.conftest import copy_run
+
+    run = Run.open(copy_run(tiny_run("cnn"), tmp_path_factory.mktemp("bench")))
+    bench(run, BenchConfig(batches=(1, 8), threads=(1,), warmup=1, runs=5, memory=True))
+    return Run.open(run.root)  # read back what was saved
+
+
+def test_bench_writes_sane_metrics_for_every_variant(benched):
+    assert set(benched.manifest["bench"]["variants"]) == set(benched.variants())
+    for v in benched.variants():
+        b = benched.metrics(v)["bench"]
+        assert b["bytes"] == benched.artifact(v).bytes
+        assert b["accuracy"] == benched.metrics(v).get("accuracy")  # onnx has none before verify
+        assert b["flops"]["total"] > 0 and b["flops"]["kind"] == "fp32"
+        assert b["import_rss_mb"] > 10 and b["peak_rss_mb"] >= b["import_rss_mb"]
+        for batch in ("1", "8"):
+            c = b["latency"]["1"][batch]
+            assert CELL_KEYS <= set(c)
+            assert 0 < c["p50_ms"] <= c["p90_ms"] <= c["p99_ms"] and c["runs"] >= 5
+            assert c["throughput_rows_s"] == pytest.approx(int(batch) / (c["p50_ms"] / 1000))
+            assert c["gflops"] == pytest.approx(b["flops"]["total"] * int(batch) / (c["p50_ms"] / 1000) / 1e9)
+            assert 0 < c["fraction_of_peak"] and c["limit"] in ("compute", "overhead")
+    torch_cell = benched.metrics("torch")["bench"]["latency"]["1"]["1"]
+    assert torch_cell["speedup_vs_torch"] == pytest.approx(1.0)
+    limits = benched.manifest["bench"]["limits"]["1"]["by_batch"]["8"]
+    assert limits["fp32_gflops"] > 1 and limits["int8_gops"] > 1 and limits["overhead_ms"] > 0
+
+
+def test_bench_rows_cover_every_cell(benched):
+    rows = bench_rows(benched)
+    assert len(rows) == len(benched.variants()) * 2
+    assert {r["variant"] for r in rows} == set(benched.variants())
+
+
+def test_peak_measures_positive_rates():
+    p = measure_peak(1, sizes=(64, 128), runs=3, min_seconds=0.0)
+    assert p.fp32_gflops > 0.5 and p.int8_gops > 0.5 and p.overhead_ms > 0
+    assert p.fp32_size in (64, 128) and set(p.by_size) == {"fp32@64", "fp32@128", "int8@64", "int8@128"}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batches": (0,)}, "batch"), ({"threads": (0,)}, "thread"), ({"device": "tpu"}, "device"), ({"runs": 0}, "runs"),
+])
+def test_bad_bench_settings_are_config_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        BenchConfig(**kwargs)
+
+
+def test_cli_bench_prints_table_and_rejects_bad_options(copy_of):
+    root = copy_of("cnn")
+    runner = CliRunner()
+    res = runner.invoke(app, ["bench", str(root), "--batch", "2", "--threads", "1", "--runs", "3", "--warmup", "1",
+                              "--no-memory"])
+    assert res.exit_code == 0, res.output
+    assert "onnx" in res.output and "FP32 matmul" in res.output
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["metrics"]["onnx"]["bench"]["latency"]["1"]["2"]["p50_ms"] > 0
+    bad = runner.invoke(app, ["bench", str(root), "--batch", "1,x"])
+    assert bad.exit_code == 1 and "--batch" in bad.output
+    bad = runner.invoke(app, ["bench", str(root), "--variants", "nope"])
+    assert bad.exit_code == 1 and "no variant" in bad.output
