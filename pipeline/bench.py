@@ -40,6 +40,7 @@ class BenchConfig:
     warmup: int = 5
     runs: int = 30
     min_seconds: float = 0.0                 # keep adding rounds until this long (for very fast cells)
+    block: int = 3                           # calls per variant per round; the first re-warms caches, untimed
     memory: bool = True                      # peak RSS of a fresh process per variant
     variants: tuple[str, ...] | None = None  # None: every variant of the run (torch is always included)
 
@@ -54,8 +55,9 @@ class BenchConfig:
             raise ConfigError(f"thread counts must be >= 1, got {list(self.threads)}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"bench device must be cpu or cuda, got {self.device!r}")
-        if self.warmup < 0 or self.runs < 1:
-            raise ConfigError(f"need warmup >= 0 and runs >= 1, got warmup={self.warmup}, runs={self.runs}")
+        if self.warmup < 0 or self.runs < 1 or self.block < 1:
+            raise ConfigError(f"need warmup >= 0, runs >= 1 and block >= 1, got warmup={self.warmup}, "
+                              f"runs={self.runs}, block={self.block}")
 
     def thread_counts(self) -> tuple[int, ...]:
         return self.threads or tuple(sorted({1, physical_cores()}))
@@ -139,7 +141,8 @@ def bench(run: Run, cfg: BenchConfig, *, log: Callable[[str], None] | None = Non
                 # The limits are timed in the same rounds, so a fraction of peak is a side-by-side ratio.
                 calls.update({name: p.call for name, p in probes.items()})
                 calls[TORCH_EMPTY] = _torch_empty_call()
-                lats = time_interleaved(calls, batch=batch, warmup=cfg.warmup, runs=cfg.runs, min_seconds=cfg.min_seconds)
+                lats = time_interleaved(calls, batch=batch, warmup=cfg.warmup, runs=cfg.runs,
+                                        min_seconds=cfg.min_seconds, block=cfg.block)
                 peak = peak_from(lats, probes, threads, cfg.device)
                 torch_overhead = lats[TORCH_EMPTY].p50
                 limits[str(threads)]["by_batch"][str(batch)] = {

@@ -41,10 +41,15 @@ def summarize(samples_ms: list[float] | np.ndarray, batch: int) -> Latency:
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], object]], *, batch: int, warmup: int = 5, runs: int = 30,
-                     min_seconds: float = 0.0) -> dict[str, Latency]:
+                     min_seconds: float = 0.0, block: int = 1) -> dict[str, Latency]:
     """Time each zero-argument callable, interleaved round by round; returns Latency per name.
 
-    `min_seconds` keeps adding rounds (beyond `runs`) until that much time has passed, for very fast calls."""
+    `min_seconds` keeps adding rounds (beyond `runs`) until that much time has passed, for very fast calls.
+    `block` > 1 runs each candidate that many times per round (A A A B B B ...): the first call of a block
+    re-warms the caches the other candidates evicted and is not timed, the other block - 1 are. Use it to
+    time the warm, back-to-back calls of a deployment while keeping the rounds interleaved."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -54,9 +59,12 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], *, batch: int, war
     rounds = 0
     while rounds < runs or (time.monotonic() - start) < min_seconds:
         for n in names:
-            t0 = time.perf_counter()
-            fns[n]()
-            samples[n].append((time.perf_counter() - t0) * 1000.0)
+            if block > 1:
+                fns[n]()  # re-warm after the other candidates
+            for _ in range(max(1, block - 1)):
+                t0 = time.perf_counter()
+                fns[n]()
+                samples[n].append((time.perf_counter() - t0) * 1000.0)
         rounds += 1
         if rounds >= 100 * max(runs, 1):
             break

@@ -77,3 +77,24 @@ def test_cli_bench_prints_table_and_rejects_bad_options(copy_of):
     assert bad.exit_code == 1 and "--batch" in bad.output
     bad = runner.invoke(app, ["bench", str(root), "--variants", "nope"])
     assert bad.exit_code == 1 and "no variant" in bad.output
+
+
+def test_timing_blocks_leave_the_cold_first_call_untimed():
+    import time
+
+    from pipeline.timing import time_interleaved
+
+    last = {"who": None}
+
+    def make(name):
+        def call():
+            if last["who"] != name:
+                time.sleep(0.005)  # cold: the other candidate ran in between
+            last["who"] = name
+        return call
+
+    fns = {"a": make("a"), "b": make("b")}
+    cold = time_interleaved(fns, batch=1, warmup=0, runs=4)
+    warm = time_interleaved(fns, batch=1, warmup=0, runs=4, block=3)
+    assert cold["a"].p50 >= 5.0 and cold["a"].runs == 4
+    assert warm["a"].p50 < 1.0 and warm["a"].runs == 8  # 2 timed calls per round

@@ -1,0 +1,480 @@
+"""The run report: report.md and a self-contained report.html (images inlined as base64 PNGs, no
+external resources: it opens offline) in the run folder, built from manifest.json alone.
+
+Both files render one list of blocks (headings, paragraphs, tables, figures), so they say the same
+thing. Sections: the run, lineage, variants (accuracy, size, latency, speed-up over torch, fraction
+of the machine's peak, memory), the machine's limits, the parity matrix, plots (accuracy vs latency
+with the Pareto front and marker area ~ file size; latency per variant per batch; training curves;
+per-node divergence of quantized variants where the manifest has it) and the explanation grids of
+`onnxpipe explain`, shown beside the variant that disagreed with torch.
+
+Per-node divergence is read, where present, from a parity entry's "nodes" list (or an artifact's
+extra["node_divergence"] / metrics[v]["node_divergence"]): items {"node": name, "max_abs": x} (or
+"name"/"tensor" and "mean_abs"/"rel_error"/"mse"/"cosine"), or a plain {node: value} mapping."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import write_bytes
+from .runfolder import Run
+
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
+ASSETS = "report_files"          # PNGs referenced by report.md (report.html inlines them)
+NODE_KEYS = ("node", "name", "tensor", "output")
+VALUE_KEYS = ("max_abs", "mean_abs", "rel_error", "mse", "cosine", "error")
+
+
+# --- blocks ---------------------------------------------------------------------------------------
+
+@dataclass
+class Figure:
+    name: str            # file name under report_files/
+    png: bytes
+    caption: str
+    source_path: str | None = None   # an existing PNG in the run folder (explain grids) instead of a new file
+
+
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Report:
+    title: str
+    blocks: list[tuple[str, object]] = field(default_factory=list)
+
+    def h(self, text: str, level: int = 2) -> None:
+        self.blocks.append((f"h{level}", text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, columns: list[str], rows: list[list]) -> None:
+        self.blocks.append(("table", Table(columns, [[_cell(v) for v in r] for r in rows])))
+
+    def figure(self, fig: Figure | None) -> None:
+        if fig is not None:
+            self.blocks.append(("figure", fig))
+
+    def figures(self) -> list[Figure]:
+        return [b for kind, b in self.blocks if kind == "figure"]
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def fmt_acc(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def fmt_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+# --- reading the manifest -------------------------------------------------------------------------
+
+def latency_table(run: Run) -> tuple[str, dict[str, dict[int, dict[str, dict]]]]:
+    """(source, {threads label: {batch: {variant: cell}}}) from bench metrics, else from selection's latency_ms."""
+    out: dict[str, dict[int, dict[str, dict]]] = {}
+    if run.manifest.get("bench"):
+        for v in run.variants():
+            for threads, per_batch in (run.metrics(v).get("bench") or {}).get("latency", {}).items():
+                for batch, cell in per_batch.items():
+                    out.setdefault(f"{threads} thread(s)", {}).setdefault(int(batch), {})[v] = cell
+        return "onnxpipe bench", out
+    for v in run.variants():
+        for batch, p50 in (run.metrics(v).get("latency_ms") or {}).items():
+            if isinstance(p50, (int, float)):
+                out.setdefault("selection timing", {}).setdefault(int(batch), {})[v] = {"p50_ms": float(p50)}
+    return "the select stage's timing (metrics.latency_ms)", out
+
+
+def node_divergence(run: Run, variant: str) -> tuple[str, list[tuple[str, float]]] | None:
+    """(value name, [(node, value), ...]) for a variant, from wherever the manifest holds it."""
+    candidates = [p.get("nodes") or p.get("node_divergence") for p in run.manifest.get("parity", [])
+                  if p.get("candidate") == variant]
+    candidates += [run.artifact(variant).extra.get("node_divergence"), run.metrics(variant).get("node_divergence")]
+    for data in candidates:
+        if not data:
+            continue
+        if isinstance(data, dict):
+            return "divergence", [(str(k), float(v)) for k, v in data.items() if isinstance(v, (int, float))]
+        if isinstance(data, list) and isinstance(data[0], dict):
+            node_key = next((k for k in NODE_KEYS if k in data[0]), None)
+            value_key = next((k for k in VALUE_KEYS if k in data[0]), None)
+            if node_key and value_key:
+                return value_key, [(str(d[node_key]), float(d[value_key])) for d in data
+                                   if isinstance(d.get(value_key), (int, float))]
+    return None
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the points no other point beats on both latency (lower) and accuracy (higher)."""
+    front, best = [], float("-inf")
+    for name, lat, acc in sorted(points, key=lambda p: (p[1], -p[2])):
+        if acc > best:
+            front.append(name)
+            best = acc
+    return front
+
+
+# --- plots ----------------------------------------------------------------------------------------
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_latency(run: Run, table: dict, label: str) -> Figure | None:
+    points_by_batch = {}
+    for batch, cells in sorted(table.items()):
+        pts = [(v, c["p50_ms"], run.metrics(v)["accuracy"]) for v, c in cells.items()
+               if run.metrics(v).get("accuracy") is not None and c.get("p50_ms")]
+        if pts:
+            points_by_batch[batch] = pts
+    if not points_by_batch:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(points_by_batch), figsize=(5.2 * len(points_by_batch), 4.2), squeeze=False)
+    biggest = max(run.artifact(v).bytes for v in run.variants())
+    for ax, (batch, pts) in zip(axes[0], points_by_batch.items()):
+        front = pareto_front(pts)
+        for v, lat, acc in pts:
+            area = 40 + 600 * run.artifact(v).bytes / biggest
+            ax.scatter(lat, acc, s=area, alpha=0.55, color="tab:red" if v in front else "tab:blue",
+                       edgecolors="black" if v == run.manifest.get("selected") else "none", linewidths=1.5)
+            ax.annotate(v, (lat, acc), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        fp = sorted((lat, acc) for v, lat, acc in pts if v in front)
+        ax.step([p[0] for p in fp], [p[1] for p in fp], where="post", color="tab:red", lw=1, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"median latency, batch {batch} (ms, log)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"batch {batch} ({label})")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    return Figure("accuracy_vs_latency.png", _png(fig),
+                  "Accuracy vs median latency. Red: the Pareto front (no variant is both faster and more accurate); "
+                  "marker area ~ file size; black edge: the selected variant.")
+
+
+def plot_latency_bars(run: Run, tables: dict[str, dict]) -> Figure | None:
+    if not tables:
+        return None
+    plt = _pyplot()
+    variants = [v for v in run.variants() if any(v in cells for t in tables.values() for cells in t.values())]
+    fig, axes = plt.subplots(1, len(tables), figsize=(max(5.0, 1.1 * len(variants) + 3) * len(tables) / 1.4, 4.2),
+                             squeeze=False)
+    width = 0.8 / max(1, len(variants))
+    for ax, (label, table) in zip(axes[0], tables.items()):
+        batches = sorted(table)
+        for i, v in enumerate(variants):
+            xs, p50, err = [], [], [[], []]
+            for j, b in enumerate(batches):
+                c = table[b].get(v)
+                if c:
+                    xs.append(j + (i - (len(variants) - 1) / 2) * width)
+                    p50.append(c["p50_ms"])
+                    err[0].append(0.0)
+                    err[1].append(max(0.0, c.get("p90_ms", c["p50_ms"]) - c["p50_ms"]))
+            ax.bar(xs, p50, width, yerr=err, capsize=2, label=v)
+        ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        ax.set_yscale("log")
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("median latency (ms, log); whisker to p90")
+    axes[0][-1].legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    return Figure("latency_per_batch.png", _png(fig), "Median latency of every variant at every batch size "
+                  "(whisker: p90), measured interleaved in one run.")
+
+
+def plot_training(run: Run) -> Figure | None:
+    history = (run.manifest.get("training") or {}).get("history") or []
+    if not history:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["loss"] for h in history], color="tab:blue", label="training loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [h["val_accuracy"] for h in history], color="tab:green", label="validation accuracy")
+    ax2.set_ylabel("validation accuracy", color="tab:green")
+    ax.set_title(f"training of {run.model_name}")
+    ax.grid(alpha=0.3)
+    return Figure("training.png", _png(fig), "Training loss and validation accuracy per epoch (variant torch).")
+
+
+def plot_divergence(variant: str, value_name: str, items: list[tuple[str, float]], top: int = 25) -> Figure:
+    plt = _pyplot()
+    worst = sorted(items, key=lambda kv: kv[1], reverse=value_name != "cosine")[:top]
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(worst) + 1.2))
+    ax.barh([k for k, _ in worst][::-1], [v for _, v in worst][::-1], color="tab:orange")
+    ax.set_xlabel(value_name)
+    ax.set_title(f"{variant}: per-node divergence from its parent (worst {len(worst)})")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    return Figure(f"divergence_{variant}.png", _png(fig), f"Per-node {value_name} of {variant} against its parent, "
+                  "worst nodes first: where the quantized graph drifts.")
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+def build_report(run: Run) -> Report:
+    m = run.manifest
+    rep = Report(f"onnxpipe report: {run.model_name} ({m.get('size', 'default')})")
+    ds = m.get("dataset", {})
+    split = ds.get("split", {})
+    rep.p(f"Run folder `{run.root}`, created {m.get('created', '-')}. Model `{run.model_name}`, size "
+          f"{m.get('size', 'default')}; data `{ds.get('source', '-')}` (train {split.get('train', '-')}, "
+          f"validation {split.get('val', '-')}, test {split.get('test', '-')}). Selected variant: "
+          f"**{m.get('selected') or 'none'}**.")
+    rep.p("Versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()) + ".")
+    if m.get("timings"):
+        rep.p("Stage times: " + ", ".join(f"{k} {v} s" for k, v in m["timings"].items()) + ".")
+    if m.get("model_config"):
+        rep.p("Model config: `" + json.dumps(m["model_config"]) + "`.")
+
+    rep.h("Lineage")
+    rows = []
+    for v in run.variants():
+        a = run.artifact(v)
+        rows.append([v, " <- ".join(run.lineage(v)), a.stage, a.format, "lossy" if a.lossy else "lossless",
+                     f"{a.bytes / 1024:.1f}", a.sha256[:12]])
+    rep.table(["variant", "lineage (newest first)", "stage", "format", "step", "KiB", "sha256"], rows)
+
+    source, tables = latency_table(run)
+    _variants_section(rep, run, tables, source)
+    _limits_section(rep, run)
+    _parity_section(rep, run)
+
+    rep.h("Plots")
+    if tables:
+        label = next(iter(tables)) if len(tables) == 1 else list(tables)[-1]
+        rep.figure(plot_accuracy_vs_latency(run, tables[label], label))
+        rep.figure(plot_latency_bars(run, tables))
+    else:
+        rep.p("No latency measured yet: run `onnxpipe bench RUN` for the latency plots.")
+    rep.figure(plot_training(run))
+    divergences = [(v, d) for v in run.variants() if run.artifact(v).lossy and (d := node_divergence(run, v))]
+    if divergences:
+        rep.h("Per-node divergence of quantized variants", 3)
+        for v, (value_name, items) in divergences:
+            if items:
+                rep.figure(plot_divergence(v, value_name, items))
+    elif any(run.artifact(v).lossy for v in run.variants()):
+        rep.p("The manifest holds no per-node divergence for the lossy variants.")
+
+    _explain_section(rep, run)
+    return rep
+
+
+def _variants_section(rep: Report, run: Run, tables: dict, source: str) -> None:
+    rep.h("Variants")
+    torch_acc = run.metrics("torch").get("accuracy") if run.has("torch") else None
+    label = list(tables)[-1] if tables else None      # the most threads measured
+    batches = sorted(tables[label]) if label else []
+    cols = ["variant", "parent", "kind", "KiB", "accuracy", "drop vs torch (pt)", "selected"]
+    for b in batches:
+        cols += [f"p50 ms b{b}", f"x torch b{b}", f"% peak b{b}"]
+    cols += ["peak RSS MB"]
+    rows = []
+    for v in run.variants():
+        a, met = run.artifact(v), run.metrics(v)
+        bench = met.get("bench") or {}
+        acc = met.get("accuracy")
+        drop = None if acc is None or torch_acc is None else f"{100 * (torch_acc - acc):.2f}"
+        row = [v, a.parent or "-", (bench.get("flops") or {}).get("kind", "-"), f"{a.bytes / 1024:.1f}", fmt_acc(acc),
+               drop, "*" if run.manifest.get("selected") == v else ""]
+        for b in batches:
+            c = tables[label][b].get(v) or {}
+            x, frac = c.get("speedup_vs_torch"), c.get("fraction_of_peak")
+            row += [fmt_ms(c.get("p50_ms")), "-" if x is None else f"{x:.2f}", "-" if frac is None else f"{100 * frac:.0f}"]
+        row.append(bench.get("peak_rss_mb"))
+        rows.append(row)
+    rep.table(cols, rows)
+    if label:
+        rep.p(f"Latency from {source}, {label}: median per cell, all variants timed interleaved in one run "
+              "(ratios are side by side; absolute numbers move with the machine's load). "
+              "% peak: achieved GFLOP/s (FLOPs per row from the ONNX graph) over the matmul peak of the same kind "
+              "measured in the same rounds. Peak RSS: a fresh process loading and running the variant.")
+    rows = []
+    for v in run.variants():
+        for threads, per_batch in ((run.metrics(v).get("bench") or {}).get("latency") or {}).items():
+            for b, c in per_batch.items():
+                rows.append([v, threads, b, fmt_ms(c["p50_ms"]), fmt_ms(c["p90_ms"]), fmt_ms(c["p99_ms"]),
+                             f"{c['throughput_rows_s']:.0f}",
+                             None if c.get("speedup_vs_torch") is None else f"{c['speedup_vs_torch']:.2f}",
+                             None if c.get("gflops") is None else f"{c['gflops']:.1f}",
+                             None if c.get("fraction_of_peak") is None else f"{100 * c['fraction_of_peak']:.0f}",
+                             fmt_ms(c.get("compute_floor_ms")), fmt_ms(c.get("overhead_ms")), c.get("limit")])
+    if rows:
+        rep.h("Every bench cell", 3)
+        rep.table(["variant", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "rows/s", "x torch", "GFLOP/s",
+                   "% peak", "compute floor ms", "overhead ms", "limit"], rows)
+        rep.p("limit: which floor is higher for the cell, the compute floor (work / peak) or one near-empty call "
+              "(overhead); a latency far above both is the runtime's own inefficiency, not a machine limit.")
+
+
+def _limits_section(rep: Report, run: Run) -> None:
+    info = run.manifest.get("bench")
+    if not info:
+        return
+    rep.h("The machine's limits")
+    mach = info.get("machine", {})
+    rep.p(f"CPU {mach.get('cpu', '-')}, {mach.get('usable_cpus', '-')} usable cores, flags "
+          f"{', '.join(mach.get('flags', [])) or '-'}; device {info['settings'].get('device', 'cpu')}. "
+          f"Method: {info.get('method', '-')}.")
+    rows = []
+    for threads, lim in info.get("limits", {}).items():
+        for b, x in lim.get("by_batch", {}).items():
+            rows.append([threads, b, f"{x['fp32_gflops']:.1f}", f"{x['int8_gops']:.1f}",
+                         f"{1000 * x['overhead_ms']:.1f}", f"{1000 * x['torch_overhead_ms']:.1f}"])
+    rep.table(["threads", "in the batch-N rounds", "FP32 matmul GFLOP/s", "INT8 matmul GOP/s",
+               "ORT per-call overhead us", "torch per-call overhead us"], rows)
+
+
+def _parity_section(rep: Report, run: Run) -> None:
+    parity = run.manifest.get("parity", [])
+    rep.h("Parity")
+    if not parity:
+        rep.p("No parity checks recorded yet (`onnxpipe verify RUN`).")
+        return
+    refs = list(dict.fromkeys(p["reference"] for p in parity))
+    cands = list(dict.fromkeys(p["candidate"] for p in parity))
+    by_pair = {(p["reference"], p["candidate"]): p for p in parity}
+
+    def verdict(p):
+        if p is None:
+            return ""
+        mark = "pass" if p["passed"] else "FAIL"
+        if p["rule"] == "tensor":
+            return f"{mark} max|d| {p['max_abs']:.1e}"
+        return f"{mark} agree {p['agreement']:.3f}, drop {p['accuracy_drop']:.2f} pt"
+
+    rep.h("Matrix (rows: reference, columns: candidate)", 3)
+    rep.table(["reference"] + cands, [[r] + [verdict(by_pair.get((r, c))) for c in cands] for r in refs])
+    rows = []
+    for p in parity:
+        rows.append([p["reference"], p["candidate"], p["rule"], "pass" if p["passed"] else "FAIL", f"{p['max_abs']:.3g}",
+                     None if p.get("agreement") is None else f"{p['agreement']:.4f}",
+                     None if p.get("accuracy_drop") is None else f"{p['accuracy_drop']:.2f}",
+                     len(p.get("shapes", [])), "; ".join(p.get("notes", []))])
+    rep.table(["reference", "candidate", "rule", "result", "max abs", "agreement", "acc drop pt", "shapes", "notes"], rows)
+
+
+def _explain_section(rep: Report, run: Run) -> None:
+    info = run.manifest.get("explain")
+    if not info:
+        return
+    rep.h("Explanations")
+    rep.p(f"{info['method']} on variant torch, for its predicted class; {info['samples']} test samples, "
+          "misclassified ones first. Run `onnxpipe explain RUN` to refresh.")
+    for group in info.get("groups", []):
+        path = run.root / group["png"]
+        if not path.is_file():
+            rep.p(f"(missing image {group['png']}: run `onnxpipe explain` again)")
+            continue
+        title = group["title"]
+        if group.get("variant"):
+            rep.h(f"{group['variant']}: where it disagrees with torch", 3)
+        else:
+            rep.h(title, 3)
+        rep.figure(Figure(Path(group["png"]).name, path.read_bytes(), title, source_path=group["png"]))
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+def to_markdown(rep: Report) -> str:
+    out = [f"# {rep.title}", ""]
+    for kind, b in rep.blocks:
+        if kind.startswith("h"):
+            out += ["#" * int(kind[1:]) + " " + b, ""]
+        elif kind == "p":
+            out += [b, ""]
+        elif kind == "table":
+            out.append("| " + " | ".join(b.columns) + " |")
+            out.append("|" + "---|" * len(b.columns))
+            out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in b.rows]
+            out.append("")
+        elif kind == "figure":
+            target = b.source_path or f"{ASSETS}/{b.name}"
+            out += [f"![{b.caption}]({target})", "", f"*{b.caption}*", ""]
+    return "\n".join(out)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.2em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}
+figcaption{font-size:13px;color:#555}code{background:#f3f3f3;padding:0 3px}details pre{font-size:11px;overflow:auto}"""
+
+
+def _inline(text: str) -> str:
+    """Escape, then the two bits of markdown the paragraphs use: `code` and **bold**."""
+    import re
+
+    t = html.escape(text)
+    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
+
+
+def to_html(rep: Report, manifest: dict) -> str:
+    out = ["<!doctype html>", "<html><head><meta charset='utf-8'>", f"<title>{html.escape(rep.title)}</title>",
+           f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(rep.title)}</h1>"]
+    for kind, b in rep.blocks:
+        if kind.startswith("h"):
+            out.append(f"<{kind}>{html.escape(b)}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{_inline(b)}</p>")
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in b.columns)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "figure":
+            data = base64.b64encode(b.png).decode()
+            out.append(f"<figure><img alt='{html.escape(b.caption, quote=True)}' src='data:image/png;base64,{data}'>"
+                       f"<figcaption>{html.escape(b.caption)}</figcaption></figure>")
+    out.append("<details><summary>manifest.json (the source of every number above)</summary><pre>"
+               + html.escape(json.dumps(manifest, indent=1)) + "</pre></details>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_report(run: Run) -> tuple[Path, Path]:
+    """Write report.md (+ report_files/*.png) and report.html into the run folder; return their paths."""
+    rep = build_report(run)
+    for fig in rep.figures():
+        if fig.source_path is None:
+            write_bytes(run.root / ASSETS / fig.name, fig.png)
+    md, page = run.root / REPORT_MD, run.root / REPORT_HTML
+    write_bytes(md, to_markdown(rep).encode())
+    write_bytes(page, to_html(rep, run.manifest).encode())
+    return page, md

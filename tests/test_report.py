@@ -1,0 +1,107 @@
+"""The report: every manifest variant present, its numbers equal to the manifest's, valid PNGs, no network."""
+import base64
+import io
+import re
+import shutil
+from html.parser import HTMLParser
+
+import pytest
+from PIL import Image
+
+from pipeline.bench import BenchConfig, bench
+from pipeline.report import ASSETS, REPORT_HTML, REPORT_MD, fmt_acc, fmt_ms, pareto_front, write_report
+from pipeline.runfolder import Run
+
+
+class Tables(HTMLParser):
+    """Every <table> of a page as a list of rows of cell texts."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self._cell = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self._cell)
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def assert_png(data: bytes):
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG" and img.size[0] > 100 and img.size[1] > 100
+    img.verify()
+
+
+@pytest.fixture(scope="module")
+def reported(tiny_run, tmp_path_factory):
+    """A tiny cnn run, benched, plus a lossy variant with parity and per-node divergence, then the report."""
+    from tests.conftest import copy_run
+
+    run = Run.open(copy_run(tiny_run("cnn"), tmp_path_factory.mktemp("report")))
+    shutil.copy(run.root / "model.onnx", run.root / "model_int8.onnx")
+    run.add_artifact("int8_dynamic", "model_int8.onnx", stage="quantize", parent="onnx", lossy=True,
+                     extra={"node_divergence": [{"node": "/features/0/Conv", "max_abs": 0.02},
+                                                {"node": "/head/3/Gemm", "max_abs": 0.3}]}, save=False)
+    run.set_metrics("onnx", accuracy=0.9, save=False)
+    run.set_metrics("int8_dynamic", accuracy=0.875, save=False)
+    run.record_parity({"reference": "onnx", "candidate": "int8_dynamic", "rule": "task", "passed": True,
+                       "max_abs": 0.4, "agreement": 0.99, "accuracy_drop": 2.5, "shapes": [[360, 10]]}, save=False)
+    run.manifest["selected"] = "int8_dynamic"
+    run.save()
+    bench(run, BenchConfig(batches=(1, 4), threads=(1,), warmup=1, runs=3, block=2, memory=False))
+    page, md = write_report(run)
+    return Run.open(run.root), page.read_text(), md.read_text()
+
+
+def test_report_files_are_written(reported):
+    run, _, _ = reported
+    assert (run.root / REPORT_HTML).is_file() and (run.root / REPORT_MD).is_file()
+
+
+def test_every_variant_with_the_manifest_numbers(reported):
+    run, page, md = reported
+    parser = Tables()
+    parser.feed(page)
+    variants_table = next(t for t in parser.tables if t[0][:3] == ["variant", "parent", "kind"])
+    header, rows = variants_table[0], {r[0]: r for r in variants_table[1:]}
+    assert set(rows) == set(run.variants())
+    for v, row in rows.items():
+        cell = dict(zip(header, row))
+        assert cell["accuracy"] == fmt_acc(run.metrics(v).get("accuracy"))
+        assert cell["KiB"] == f"{run.artifact(v).bytes / 1024:.1f}"
+        for b in ("1", "4"):
+            assert cell[f"p50 ms b{b}"] == fmt_ms(run.metrics(v)["bench"]["latency"]["1"][b]["p50_ms"])
+        assert v in md
+    assert rows["int8_dynamic"][header.index("selected")] == "*"
+    matrix = next(t for t in parser.tables if t[0][0] == "reference" and "int8_dynamic" in t[0] and len(t[0]) <= 4)
+    assert any("agree 0.990" in c for r in matrix for c in r)
+
+
+def test_images_are_inline_valid_pngs_and_nothing_is_fetched(reported):
+    run, page, md = reported
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    assert len(images) >= 4  # accuracy vs latency, latency bars, training, divergence
+    for data in images:
+        assert_png(base64.b64decode(data))
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert f"{ASSETS}/divergence_int8_dynamic.png" in linked
+    for rel in linked:
+        assert_png((run.root / rel).read_bytes())
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [("slow_best", 10.0, 0.99), ("fast_ok", 1.0, 0.95), ("dominated", 5.0, 0.94), ("mid", 3.0, 0.97)]
+    assert pareto_front(pts) == ["fast_ok", "mid", "slow_best"]
