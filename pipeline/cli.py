@@ -359,6 +359,85 @@ def bench_cmd(
     typer.echo(f"results in {run.root / 'manifest.json'} (metrics.<variant>.bench)")
 
 
+# --- serving (pipeline/serving/, pipeline/predict.py) -------------------------------------------------
+
+VariantOpt = Annotated[Optional[str], typer.Option("--variant", help="Variant to use (default: the run's selected one).")]
+
+
+@app.command("serve")
+@user_errors
+def serve_cmd(
+    run_dir: RunArg,
+    variant: VariantOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port, printed at start).")] = 8000,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA if ONNX Runtime has it, else CPU; the log says which), cpu, or cuda (an error if CUDA is not usable).")] = "auto",
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most rows merged into one ONNX Runtime call; 1 turns dynamic batching off.")] = 32,
+    max_delay_ms: Annotated[float, typer.Option("--max-delay-ms", min=0.0, help="Longest a request waits for others to join its batch (only while others are arriving).")] = 2.0,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="ONNX Runtime intra-op threads (default: the cores this process may use).")] = None,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body accepted; larger ones get 413.")] = 32.0,
+    name: Annotated[Optional[str], typer.Option("--name", help="Model name in the URLs (default: the run's model, e.g. cnn).")] = None,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="One JSON line per request on stderr.")] = True,
+) -> None:
+    """Serve a run's variant over the Open Inference Protocol (KServe v2 REST) until SIGTERM / Ctrl-C."""
+    from .runfolder import Run
+    from .serving.app import ServeConfig, serve
+    from .serving.model import ServedModel
+
+    cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms, max_body_mb=max_body_mb,
+                      access_log=access_log)
+    model = ServedModel.prepare(Run.open(run_dir), variant, device=device, threads=threads, name=name)
+    raise typer.Exit(serve(model, cfg))
+
+
+@app.command("predict")
+@user_errors
+def predict_cmd(
+    run_dir: RunArg,
+    inputs: Annotated[list[Path], typer.Argument(help=".npy/.npz arrays (model inputs: one sample or a batch) or PNG/JPEG images.")],
+    variant: VariantOpt = None,
+    device: DeviceOpt = "cpu",
+    raw: Annotated[bool, typer.Option("--raw", help="Arrays hold raw source data (e.g. digits 0..16): apply the run's normalization first.")] = False,
+    invert: Annotated[str, typer.Option("--invert", help="Images: auto (invert dark-on-light images), yes, or no.")] = "auto",
+    top: Annotated[int, typer.Option("--top", min=1, help="Show the K most likely classes.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prediction.")] = False,
+) -> None:
+    """Classify arrays and images with a run's selected variant; prints class and probability."""
+    from .predict import predict_files
+    from .runfolder import Run
+
+    for p in predict_files(Run.open(run_dir), inputs, variant=variant, device=device, raw=raw, invert=invert, top=top):
+        if as_json:
+            typer.echo(json.dumps(p.to_json()))
+        else:
+            others = "".join(f", {c}: {q:.3f}" for c, q in p.top[1:])
+            typer.echo(f"{p.source}: class {p.label} (p={p.probability:.3f}{others})")
+
+
+@app.command("export-triton")
+@user_errors
+def export_triton_cmd(
+    run_dir: RunArg,
+    out_dir: Annotated[Path, typer.Argument(help="Model repository folder (created); the model goes to OUT_DIR/NAME/.")],
+    variant: VariantOpt = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Model name in the repository (default: the run's model).")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=0, help="Triton max_batch_size (0: no batching).")] = 32,
+    max_delay_ms: Annotated[float, typer.Option("--max-delay-ms", min=0.0, help="Triton dynamic batching queue delay.")] = 2.0,
+    device: Annotated[str, typer.Option("--device", help="Instance kind: auto (Triton decides), cpu, or cuda.")] = "auto",
+    instances: Annotated[int, typer.Option("--instances", min=1, help="Model instances Triton runs.")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR/NAME if it exists.")] = False,
+) -> None:
+    """Write a Triton Inference Server model repository (config.pbtxt + 1/model.onnx) for scaling out."""
+    from .runfolder import Run
+    from .serving.triton import TritonConfig, export_triton
+
+    cfg = TritonConfig(name=name, max_batch=max_batch, max_delay_ms=max_delay_ms, device=device,
+                       instances=instances, force=force)
+    entry = export_triton(Run.open(run_dir), out_dir, variant, cfg)
+    typer.echo(f"wrote {entry}/config.pbtxt and {entry}/1/model.onnx; serve with "
+               f"`tritonserver --model-repository {out_dir}`")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,115 @@
+"""`onnxpipe export-triton`: a Triton Inference Server model repository, for users who outgrow one server.
+
+    OUT_DIR/
+      <name>/
+        config.pbtxt        platform onnxruntime_onnx; inputs/outputs with dims (-1 = dynamic); dynamic batching
+        1/model.onnx        the run's sha256-checked variant, byte for byte
+
+With max_batch_size > 0 Triton's dims leave out the batch axis (Triton adds it), so the model's
+first axis must be dynamic; a model with a fixed first axis is written with max_batch_size 0.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..atomic import atomic_path, write_bytes
+from ..errors import ArtifactError, ConfigError
+from ..runfolder import Run
+from .protocol import V2_TO_TRITON
+
+# onnx.TensorProto element types -> KServe v2 datatypes (Triton's TYPE_* follow from them).
+ONNX_ELEM_TO_V2 = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "BYTES",
+                   9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64", 16: "BF16"}
+KINDS = {"auto": None, "cpu": "KIND_CPU", "cuda": "KIND_GPU"}
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    name: str | None = None          # model name in the repository (default: the run's model)
+    max_batch: int = 32
+    max_delay_ms: float = 2.0
+    device: str = "auto"             # instance kind: auto (Triton decides), cpu, cuda
+    instances: int = 1
+    force: bool = False
+
+    def __post_init__(self):
+        if self.max_batch < 0:
+            raise ConfigError(f"--max-batch must be >= 0 (0 turns Triton's batching off), got {self.max_batch}")
+        if self.max_delay_ms < 0:
+            raise ConfigError(f"--max-delay-ms must be >= 0, got {self.max_delay_ms}")
+        if self.device not in KINDS:
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.instances < 1:
+            raise ConfigError(f"--instances must be >= 1, got {self.instances}")
+        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+            raise ConfigError(f"bad model name {self.name!r}: use letters, digits, '-' or '_'")
+
+
+def _tensors(value_infos) -> list[tuple[str, str, list[int]]]:
+    out = []
+    for v in value_infos:
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        out.append((v.name, ONNX_ELEM_TO_V2.get(t.elem_type, f"elem{t.elem_type}"), dims))
+    return out
+
+
+def _block(kind: str, name: str, datatype: str, dims: list[int]) -> str:
+    if datatype not in V2_TO_TRITON:
+        raise ArtifactError(f"{kind} {name!r} has an element type Triton cannot take ({datatype})")
+    return (f"  {{\n    name: \"{name}\"\n    data_type: {V2_TO_TRITON[datatype]}\n"
+            f"    dims: [ {', '.join(str(d) for d in dims)} ]\n  }}")
+
+
+def config_pbtxt(name: str, inputs, outputs, cfg: TritonConfig, provenance: list[str]) -> str:
+    batching = cfg.max_batch > 0 and all(d and d[0] == -1 for _, _, d in [*inputs, *outputs])
+    strip = (lambda d: d[1:]) if batching else (lambda d: d)
+    lines = [f"# {p}" for p in provenance]
+    lines += [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {cfg.max_batch if batching else 0}"]
+    lines.append("input [\n" + ",\n".join(_block("input", n, t, strip(d)) for n, t, d in inputs) + "\n]")
+    lines.append("output [\n" + ",\n".join(_block("output", n, t, strip(d)) for n, t, d in outputs) + "\n]")
+    if batching:
+        lines.append(f"dynamic_batching {{\n  max_queue_delay_microseconds: {int(round(cfg.max_delay_ms * 1000))}\n}}")
+    kind = KINDS[cfg.device]
+    group = f"count: {cfg.instances}" + (f"\n    kind: {kind}" if kind else "")
+    lines.append(f"instance_group [\n  {{\n    {group}\n  }}\n]")
+    return "\n".join(lines) + "\n"
+
+
+def export_triton(run: Run, out_dir: str | Path, variant: str | None = None,
+                  cfg: TritonConfig = TritonConfig()) -> Path:
+    """Write the repository entry for `variant` (default: the selected one); returns <out_dir>/<name>."""
+    import onnx
+
+    variant = variant or run.manifest.get("selected")
+    if not variant:
+        raise ConfigError(f"run {run.root} has no selected variant; pass --variant ({', '.join(run.variants())})")
+    art = run.artifact(variant)
+    if art.format != "onnx":
+        raise ConfigError(f"variant {variant!r} is a {art.format} model; Triton's onnxruntime backend needs an ONNX variant")
+    src = run.path(variant)  # sha256-checked
+    model = onnx.load(str(src), load_external_data=False)
+    if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
+        raise ArtifactError(f"{src} keeps its weights in external data files; re-export it as one file "
+                            "(export writes a single file by default)")
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = _tensors([i for i in model.graph.input if i.name not in initializers])
+    outputs = _tensors(model.graph.output)
+
+    name = cfg.name or run.model_name
+    entry = Path(out_dir) / name
+    if entry.exists():
+        if not cfg.force:
+            raise ConfigError(f"{entry} already exists; pass --force to replace it or choose another OUT_DIR / --name")
+        if not (entry / "config.pbtxt").is_file():
+            raise ConfigError(f"refusing to replace {entry}: it is not a Triton model folder (no config.pbtxt)")
+        shutil.rmtree(entry)
+    provenance = [f"written by onnxpipe export-triton from run {run.root}, variant {variant!r}",
+                  f"model.onnx sha256 {art.sha256}"]
+    text = config_pbtxt(name, inputs, outputs, cfg, provenance)
+    with atomic_path(entry / "1" / "model.onnx") as tmp:
+        shutil.copyfile(src, tmp)
+    write_bytes(entry / "config.pbtxt", text.encode())
+    return entry
