@@ -1,0 +1,243 @@
+"""`onnxpipe explain`: why the torch model predicts what it does, on a few test samples.
+
+  image models      integrated gradients over the pixels (baseline: the image's background value)
+  sequence models   integrated gradients over the (T, F) input, summed per time step
+  attention models  also the attention maps softmax(QK^T / sqrt(d)) of every block, averaged over heads,
+                    recomputed from the block's own qkv weights by a read-only forward hook (the model's
+                    forward, and so its numbers, are untouched)
+
+Attributions are for the class torch predicts. Samples: torch's misclassified test samples first, then
+correct ones; and for every other variant, the test samples where it disagrees with torch, so the
+report can show them beside that variant. PNG grids go to explain/ and the list to manifest["explain"]."""
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .atomic import write_bytes
+from .data import Dataset
+from .errors import ConfigError
+from .runfolder import Run
+
+FOLDER = "explain"
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    samples: int = 8        # per grid
+    steps: int = 32         # integrated-gradients steps (midpoint rule)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.samples <= 64:
+            raise ConfigError(f"samples must be between 1 and 64, got {self.samples}")
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+
+
+# --- attributions ---------------------------------------------------------------------------------
+
+def integrated_gradients(model, x, target, baseline, steps: int = 32, max_rows: int = 512):
+    """(x - baseline) * mean over the path of d logit[target] / d input (Sundararajan et al. 2017).
+
+    x, baseline: float tensors of the same shape (n, ...); target: (n,) class indices. Their sum over
+    the input approximates logit(x) - logit(baseline) (completeness). The path points of several steps
+    go through the model as one batch (at most `max_rows` rows): one backward instead of `steps`."""
+    import torch
+
+    n = x.shape[0]
+    per_chunk = max(1, max_rows // max(n, 1))
+    total = torch.zeros_like(x)
+    for first in range(0, steps, per_chunk):
+        alphas = (torch.arange(first, min(steps, first + per_chunk), dtype=x.dtype) + 0.5) / steps  # midpoints
+        shape = (len(alphas),) + (1,) * x.ndim
+        points = (baseline + alphas.view(shape) * (x - baseline)).reshape(-1, *x.shape[1:])
+        points = points.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(points)
+            chosen = logits.gather(1, target.repeat(len(alphas))[:, None]).sum()
+            (grad,) = torch.autograd.grad(chosen, points)
+        total += grad.view(len(alphas), *x.shape).sum(0)
+    return (x - baseline) * total / steps
+
+
+def embedding_integrated_gradients(model, tokens, target, steps: int = 32):
+    """Integrated gradients for token-id inputs, taken over the output of `model.embed` (baseline: zero
+    embedding), summed over the embedding width: one value per token."""
+    import torch
+
+    embed = getattr(model, "embed", None)
+    if not isinstance(embed, torch.nn.Embedding):
+        raise ConfigError("explain needs float inputs, or token inputs read by an nn.Embedding named `embed`")
+    emb = embed(tokens).detach()
+    state = {}
+
+    def replace(module, args, output):
+        return state["point"]
+
+    handle = embed.register_forward_hook(replace)
+    try:
+        total = torch.zeros_like(emb)
+        for k in range(steps):
+            state["point"] = ((k + 0.5) / steps * emb).requires_grad_(True)
+            with torch.enable_grad():
+                chosen = model(tokens).gather(1, target[:, None]).sum()
+                (grad,) = torch.autograd.grad(chosen, state["point"])
+            total += grad
+    finally:
+        handle.remove()
+    return (emb * total / steps).sum(-1)
+
+
+def attention_blocks(model) -> list:
+    """The model's self-attention blocks: modules with a fused `qkv` projection, a pre-norm `ln1` and `heads`."""
+    return [m for m in model.modules() if all(hasattr(m, a) for a in ("qkv", "ln1", "heads"))]
+
+
+def attention_maps(model, *inputs) -> list:
+    """Per block, softmax(QK^T / sqrt(d)) of shape (n, heads, T, T), read by forward pre-hooks."""
+    import torch
+
+    maps, handles = [], []
+
+    def capture(block, args):
+        x = args[0]
+        mask = args[1] if len(args) > 1 else None
+        B, T, C = x.shape
+        q, k, _ = block.qkv(block.ln1(x)).split(C, dim=-1)
+        q, k = (t.view(B, T, block.heads, C // block.heads).transpose(1, 2) for t in (q, k))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(C // block.heads)        # (B, h, T, T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        maps.append(torch.softmax(scores, dim=-1).detach())
+
+    for block in attention_blocks(model):
+        handles.append(block.register_forward_pre_hook(capture))
+    try:
+        with torch.inference_mode():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return maps
+
+
+# --- sample choice --------------------------------------------------------------------------------
+
+def choose_samples(labels: np.ndarray, torch_pred: np.ndarray, n: int, seed: int) -> list[int]:
+    """Up to n test indices: misclassified ones first (at most half when correct ones exist), then correct ones."""
+    rng = np.random.default_rng(seed)
+    wrong = rng.permutation(np.flatnonzero(torch_pred != labels)).tolist()
+    right = rng.permutation(np.flatnonzero(torch_pred == labels)).tolist()
+    n_wrong = min(len(wrong), max(n - len(right), (n + 1) // 2))
+    return sorted(wrong[:n_wrong] + right[: n - n_wrong], key=lambda i: (torch_pred[i] == labels[i], i))
+
+
+# --- drawing --------------------------------------------------------------------------------------
+
+def _grid(x: np.ndarray, attr: np.ndarray, titles: list[str], family: str, maps: list | None) -> bytes:
+    """One column per sample: input, attribution (and per-step bars and attention maps for sequences)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(x)
+    seq = family == "sequence"
+    rows = 2 + (1 if seq else 0) + (len(maps) if maps else 0)
+    fig, axes = plt.subplots(rows, n, figsize=(1.9 * n + 0.6, 1.9 * rows + 0.4), squeeze=False)
+    for j in range(n):
+        xi, ai = x[j], attr[j]
+        if not seq:                                  # (C, H, W) images
+            xi, ai = xi.mean(0), ai.sum(0)
+        elif xi.ndim == 1:                           # token ids: one row
+            xi, ai = xi[:, None].astype(float), ai[:, None]
+        lim = float(np.abs(ai).max()) or 1.0
+        axes[0][j].imshow(xi, cmap="gray", aspect="auto" if seq else "equal")
+        axes[0][j].set_title(titles[j], fontsize=7)
+        axes[1][j].imshow(ai, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto" if seq else "equal")
+        row = 2
+        if seq:
+            per_step = ai.sum(-1)
+            axes[row][j].barh(np.arange(len(per_step)), per_step,
+                              color=["tab:red" if v > 0 else "tab:blue" for v in per_step])
+            axes[row][j].invert_yaxis()
+            axes[row][j].tick_params(labelsize=6)
+            row += 1
+        for layer, m in enumerate(maps or []):
+            axes[row + layer][j].imshow(m[j].mean(0), cmap="viridis", vmin=0, vmax=1)
+        for r in range(rows):
+            if not (seq and r == 2):
+                axes[r][j].set_xticks([])
+                axes[r][j].set_yticks([])
+    labels = ["input", "attribution"] + (["per time step"] if seq else []) + \
+             [f"attention, block {i + 1}" for i in range(len(maps or []))]
+    for r, text in enumerate(labels):
+        axes[r][0].set_ylabel(text, fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+def explain(run: Run, cfg: ExplainConfig, ds: Dataset | None = None) -> dict:
+    """Attributions (and attention maps) for chosen test samples; PNG grids + manifest["explain"]."""
+    import torch
+
+    from .data import reload_dataset
+    from .train import load_torch_model
+    from .variants import load_predictor, predict_batched
+
+    ds = ds or reload_dataset(run.manifest["dataset"])
+    model = load_torch_model(run, "torch")
+    torch_fn = load_predictor(run, "torch")
+    torch_pred = predict_batched(torch_fn, ds.x_test).argmax(1)
+    others = {v: predict_batched(load_predictor(run, v, device="cpu"), ds.x_test).argmax(1)
+              for v in run.variants() if v != "torch"}
+    maps_available = bool(attention_blocks(model))
+    family = run.spec.family
+    method = ("integrated gradients per pixel" if family == "image" else "integrated gradients per time step")
+    if maps_available:
+        method += " + attention maps (mean over heads)"
+
+    groups = [("torch's predictions (misclassified first)", None,
+               choose_samples(ds.y_test, torch_pred, cfg.samples, cfg.seed))]
+    for v, pred in others.items():
+        idx = np.flatnonzero(pred != torch_pred)
+        if len(idx):
+            groups.append((f"{v}: {len(idx)} of {len(pred)} test samples disagree with torch", v,
+                           idx[: cfg.samples].tolist()))
+
+    out_groups = []
+    for title, variant, indices in groups:
+        x = torch.from_numpy(np.ascontiguousarray(ds.x_test[indices]))
+        target = torch.from_numpy(torch_pred[indices].astype(np.int64))
+        if x.dtype.is_floating_point:
+            baseline = x.amin(dim=tuple(range(1, x.ndim)), keepdim=True).expand_as(x) if family == "image" \
+                else torch.zeros_like(x)
+            attr = integrated_gradients(model, x, target, baseline, cfg.steps)
+        else:
+            attr = embedding_integrated_gradients(model, x, target, cfg.steps)
+        maps = [m.numpy() for m in attention_maps(model, x)] if maps_available else None
+        titles = [f"#{i} y={ds.y_test[i]} torch={torch_pred[i]}" + (f"\n{variant}={others[variant][i]}" if variant else "")
+                  for i in indices]
+        name = "torch.png" if variant is None else f"disagree_{variant}.png"
+        write_bytes(run.root / FOLDER / name, _grid(x.numpy(), attr.detach().numpy(), titles, family, maps))
+        out_groups.append({"title": title, "variant": variant, "png": f"{FOLDER}/{name}", "indices": list(map(int, indices)),
+                           "labels": [int(ds.y_test[i]) for i in indices],
+                           "torch_pred": [int(torch_pred[i]) for i in indices],
+                           "variant_pred": [int(others[variant][i]) for i in indices] if variant else None})
+    run.manifest["explain"] = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "method": method, "samples": cfg.samples, "steps": cfg.steps,
+        "misclassified_by_torch": int((torch_pred != ds.y_test).sum()), "groups": out_groups,
+    }
+    run.save()
+    return run.manifest["explain"]
