@@ -63,6 +63,7 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()
         self._arriving = 0
+        self._collecting = False   # the worker is waiting for arrivals to join a batch
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="onnxpipe-batcher", daemon=True)
 
@@ -96,10 +97,16 @@ class DynamicBatcher:
             if arrival is not None:
                 arrival.close_locked()
             self._depth_changed()
-            self._cond.notify()
+            self._wake_locked()
         return await future
 
     # --- worker side ---------------------------------------------------------------------------------
+    def _wake_locked(self) -> None:
+        """Wake the worker when it can act: it is idle, or it is collecting a batch and nothing more is
+        arriving. Waking it for every arrival while it collects would only trade the GIL back and forth."""
+        if not self._collecting or self._arriving == 0:
+            self._cond.notify()
+
     def _depth_changed(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self._queue))
@@ -126,7 +133,9 @@ class DynamicBatcher:
             remaining = deadline - time.perf_counter()
             if rows >= self.max_batch or self._arriving == 0 or remaining <= 0 or self._stopping:
                 break
+            self._collecting = True
             self._cond.wait(remaining)
+            self._collecting = False
         self._depth_changed()
         return batch
 
@@ -193,5 +202,5 @@ class _Arrival:
         with self.batcher._cond:
             if self.open:  # the request failed before it was queued
                 self.close_locked()
-                self.batcher._cond.notify()
+                self.batcher._wake_locked()
         return False

@@ -107,7 +107,8 @@ class ServedModel:
 
         try:
             path = self.run.path(self.variant)           # sha256 against the manifest
-            session = make_session(path, device=self.device, threads=self.threads)
+            # no spinning: idle ORT threads would busy-wait on the cores the event loop needs
+            session = make_session(path, device=self.device, threads=self.threads, spinning=False)
             self.inputs, self.outputs = _metas(session.inner.get_inputs()), _metas(session.inner.get_outputs())
             self.session = session
             log.info("loaded %s variant %s (%s, sha256 ok); providers: %s", self.name, self.variant, path.name,
