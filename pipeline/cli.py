@@ -82,7 +82,7 @@ def read_config_file(path: Path | None) -> dict:
             data = json.loads(path.read_text())
     except Exception as e:  # json / toml decode errors
         raise ConfigError(f"cannot parse config file {path}: {e}") from None
-    known = {"model", "train", "export", "verify", "quantize", "distill", "bench"}
+    known = {"model", "train", "export", "optimize", "verify", "quantize", "select", "distill", "bench"}
     if not isinstance(data, dict) or set(data) - known:
         raise ConfigError(f"config file {path}: top-level keys must be sections among {', '.join(sorted(known))}")
     return data
@@ -283,6 +283,101 @@ def verify_cmd(
         typer.echo(r.summary(), err=True)
     if failed:
         raise typer.Exit(1)
+
+
+@app.command("optimize")
+@user_errors
+def optimize_cmd(
+    run_dir: RunArg,
+    level: Annotated[str, typer.Option("--level", help="Level the saved file is optimized at: basic or extended "
+                                       "(layout/all would save layouts for this CPU only).")] = "extended",
+    atol: Annotated[float, typer.Option("--atol", help="Max abs error allowed vs the unoptimized graph on the shape grid.")] = 1e-4,
+    rtol: Annotated[float, typer.Option("--rtol", help="Relative error allowed vs the unoptimized graph.")] = 1e-3,
+) -> None:
+    """ONNX Runtime graph optimization of variant onnx -> onnx_opt (fusions counted, parity on the shape grid)."""
+    from .optimize import OptimizeConfig, optimize
+    from .runfolder import Run
+
+    run = Run.open(run_dir)
+    art = optimize(run, OptimizeConfig(level=level, atol=atol, rtol=rtol))
+    p = next(p for p in run.manifest["parity"] if p["candidate"] == art.variant and p["reference"] == art.parent)
+    fused = ", ".join(f"{op.rsplit('.', 1)[-1]} x{n}" for op, n in art.extra["fused_nodes"].items()) or "none"
+    typer.echo(f"{art.variant}: {run.root / art.path} saved at level {art.extra['saved_level']} (sessions apply "
+               f"{art.extra['load_level']} at load); nodes {art.extra['nodes_before']} -> {art.extra['nodes_after']}; "
+               f"fused: {fused}; attention nodes: {art.extra['attention_nodes']}; parity vs {art.parent} over "
+               f"{len(p['shapes'])} shapes: max abs {p['max_abs']:.2e}")
+
+
+@app.command("quantize")
+@user_errors
+def quantize_cmd(
+    run_dir: RunArg,
+    mode: Annotated[str, typer.Option("--mode", help="dynamic, static (QDQ, calibrated), fp16, or auto (every mode).")] = "auto",
+    calibration: Annotated[str, typer.Option("--calibration", help="Static: minmax, entropy or percentile.")] = "minmax",
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Static: training samples used for calibration.")] = 256,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="One weight scale per output channel.")] = False,
+    activation_type: Annotated[str, typer.Option("--activation-type", help="Static activations: uint8 (fast U8S8) or int8.")] = "uint8",
+    weight_type: Annotated[str, typer.Option("--weight-type", help="Weights: int8 or uint8.")] = "int8",
+    reduce_range: Annotated[bool, typer.Option("--reduce-range", help="7-bit weights (avoids saturation without VNNI).")] = False,
+    max_drop: Annotated[float, typer.Option("--max-drop", help="Budget: accuracy points a variant may lose vs its parent.")] = 1.0,
+    min_agreement: Annotated[float, typer.Option("--min-agreement", help="Budget: top-1 agreement with the parent.")] = 0.99,
+    exclusion_rounds: Annotated[int, typer.Option("--exclusion-rounds", help="Retries keeping the most sensitive nodes in FP32 (0: none).")] = 6,
+    source: Annotated[str, typer.Option("--source", help="FP32 ONNX variant to start from.")] = "onnx",
+    seed: SeedOpt = 0,
+) -> None:
+    """INT8 (dynamic / static QDQ) and FP16 variants, each held to an accuracy budget against its parent."""
+    from .data import reload_dataset
+    from .quantize import QuantizeConfig, quantize
+    from .runfolder import Run
+
+    cfg = QuantizeConfig(mode=mode, calibration=calibration, calib_samples=calib_samples, per_channel=per_channel,
+                         activation_type=activation_type, weight_type=weight_type, reduce_range=reduce_range,
+                         max_accuracy_drop=max_drop, min_agreement=min_agreement, exclusion_rounds=exclusion_rounds,
+                         seed=seed)
+    run = Run.open(run_dir)
+    results = quantize(run, cfg, reload_dataset(run.manifest["dataset"]), source=source)
+    rows = []
+    for r in results:
+        if r.artifact is None:
+            rows.append({"variant": r.variant, "status": "not kept: " + r.reason})
+            continue
+        m, e = run.metrics(r.variant), r.artifact.extra
+        rows.append({"variant": r.variant, "status": "kept", "size_ratio": e["size_ratio"], "agreement": m["agreement"],
+                     "acc_drop_pt": m["accuracy_drop"], "cosine": m["cosine"],
+                     "fp32_nodes": len(e["excluded_nodes"]), "preprocess": e["preprocess"]})
+    print_table(rows, ["variant", "status", "size_ratio", "agreement", "acc_drop_pt", "cosine", "fp32_nodes", "preprocess"],
+                title=f"quantize: {run.root} (budget {max_drop} pt, agreement >= {min_agreement})")
+
+
+@app.command("select")
+@user_errors
+def select_cmd(
+    run_dir: RunArg,
+    batches: Annotated[str, typer.Option("--batches", help="Comma-separated batch sizes to time.")] = "1,64",
+    runs: Annotated[int, typer.Option("--runs", help="Timed rounds per batch size.", min=1)] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed warm-up rounds.", min=0)] = 5,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="ORT intra-op threads (default: usable cores).", min=1)] = None,
+    objective: Annotated[str, typer.Option("--objective", help="geomean (over batch sizes) or one batch size, e.g. 64.")] = "geomean",
+) -> None:
+    """Time every ONNX variant here and mark the fastest one within budget as `selected`."""
+    from .errors import ConfigError
+    from .runfolder import Run
+    from .select import SelectConfig, select
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise ConfigError(f"bad --batches {batches!r}: expected comma-separated integers, e.g. 1,64") from None
+    run = Run.open(run_dir)
+    sel = select(run, SelectConfig(batches=sizes, runs=runs, warmup=warmup, threads=threads, objective=objective))
+    rows = []
+    for v in [*sel.ranking, *sel.excluded]:
+        lat = run.metrics(v).get("latency_ms", {})
+        rows.append({"variant": v, **{f"b{b} ms": lat.get(str(b)) for b in sizes},
+                     "bytes": run.artifact(v).bytes, "selected": v == sel.selected, "note": sel.excluded.get(v, "")})
+    print_table(rows, ["variant", *[f"b{b} ms" for b in sizes], "bytes", "selected", "note"],
+                title=f"select: {run.root} (p50 latency, objective {objective})")
+    typer.echo(f"selected: {sel.selected}")
 
 
 @app.command("show")

@@ -78,6 +78,32 @@ def stage_export(run: Run, ctx: Context) -> None:
     export(run, ExportConfig(**ctx.options("export")), test_inputs=ctx.data_for(run).x_test)
 
 
+def stage_config(cls, ctx: Context, stage: str, **defaults):
+    """cls(**defaults, **[stage] options), with a clear error for an unknown setting."""
+    try:
+        return cls(**{**defaults, **ctx.options(stage)})
+    except TypeError as e:
+        raise ConfigError(f"bad [{stage}] setting: {e}") from None
+
+
+def stage_optimize(run: Run, ctx: Context) -> None:
+    from .optimize import OptimizeConfig, optimize
+
+    optimize(run, stage_config(OptimizeConfig, ctx, "optimize"))
+
+
+def stage_quantize(run: Run, ctx: Context) -> None:
+    from .quantize import QuantizeConfig, quantize
+
+    quantize(run, stage_config(QuantizeConfig, ctx, "quantize", mode="auto"), ctx.data_for(run))
+
+
+def stage_select(run: Run, ctx: Context) -> None:
+    from .select import SelectConfig, select
+
+    select(run, stage_config(SelectConfig, ctx, "select"))
+
+
 def stage_verify(run: Run, ctx: Context) -> None:
     from .errors import ParityError
     from .verify import VerifyConfig, verify
@@ -92,7 +118,10 @@ StageFn = Callable[[Run, Context], None]
 STAGES: list[tuple[str, StageFn]] = [
     ("train", stage_train),
     ("export", stage_export),
+    ("optimize", stage_optimize),
+    ("quantize", stage_quantize),
     ("verify", stage_verify),
+    ("select", stage_select),
 ]
 
 

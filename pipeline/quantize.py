@@ -1,0 +1,383 @@
+"""Quantize stage: INT8 (dynamic, static QDQ) and FP16 variants of an FP32 ONNX variant, each held to
+an accuracy budget against its parent.
+
+    int8_dynamic  weights INT8 offline, activations quantized at run time (MatMul, Conv, LSTM; Gemm
+                  heads become MatMul first). No calibration.
+    int8_static   QDQ format, activation ranges calibrated on the training split only (never test data):
+                  minmax | entropy | percentile, per-tensor or per-channel weights, U8S8 by default.
+    fp16          weights and compute in float16 with float32 inputs/outputs kept (keep_io_types): a GPU
+                  deployment format; on the CPU provider ORT casts back, so it is checked here for parity.
+
+`quant_pre_process` (shape inference + basic optimization) runs first where it works: the LSTM needs it
+to become DynamicQuantizeLSTM. It fails on some Transformer graphs ("Incomplete symbolic shape
+inference"); then it is retried without symbolic shape inference, then skipped, and the manifest says
+which. A build over budget is rebuilt with its most sensitive nodes in FP32 (pipeline.budget)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+import models  # noqa: F401  must come before onnxruntime.transformers, whose folder (on sys.path) holds another `models`
+
+from .atomic import atomic_path
+from .budget import COMPUTE_OPS, Budget, fit_budget, node_errors, verdict_line
+from .data import Dataset
+from .errors import ArtifactError, ConfigError, DataError
+from .runfolder import Artifact, Run
+from .variants import predict_batched
+
+MODES = ("dynamic", "static", "fp16")
+VARIANTS = {"dynamic": "int8_dynamic", "static": "int8_static", "fp16": "fp16"}
+CALIBRATIONS = ("minmax", "entropy", "percentile")
+INT8_TYPES = ("uint8", "int8")
+
+# What each mode quantizes, per model family. Dynamic Conv (ConvInteger) is built so that selection can
+# show it is slow on CPUs; QDQ keeps Relu/MaxPool/Reshape between convs in INT8 so the chain stays integer.
+DYNAMIC_OPS = {"image": ["Conv", "MatMul"], "sequence": ["MatMul", "LSTM"]}
+STATIC_OPS = {"image": ["Conv", "Gemm", "MatMul", "Relu", "MaxPool", "Reshape", "Flatten"],
+              "sequence": ["MatMul", "Gemm"]}
+INT8_KERNELS = {"MatMulInteger", "ConvInteger", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "QLinearMatMul",
+                "QLinearConv", "MatMulIntegerToFloat", "QGemm", "QAttention"}
+CALIB_BATCH = 32
+SENSITIVITY_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    mode: str = "auto"                  # dynamic | static | fp16 | auto (every mode)
+    calibration: str = "minmax"         # static: minmax | entropy | percentile
+    calib_samples: int = 256            # static: training samples used for calibration
+    per_channel: bool = False
+    activation_type: str = "uint8"      # static activations; uint8 + int8 weights (U8S8) is fast on x86
+    weight_type: str = "int8"
+    reduce_range: bool = False          # 7-bit weights: avoids U8S8 saturation on AVX2 without VNNI
+    max_accuracy_drop: float = 1.0     # points
+    min_agreement: float = 0.99
+    exclusion_rounds: int = 6           # retries with sensitive nodes in FP32 (0: none)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in (*MODES, "auto"):
+            raise ConfigError(f"unknown quantization mode {self.mode!r}; use dynamic, static, fp16 or auto")
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(f"unknown calibration {self.calibration!r}; use {', '.join(CALIBRATIONS)}")
+        if self.calib_samples < 1:
+            raise ConfigError(f"static quantization needs calibration data: --calib-samples must be >= 1, "
+                              f"got {self.calib_samples}")
+        for name in ("activation_type", "weight_type"):
+            if getattr(self, name) not in INT8_TYPES:
+                raise ConfigError(f"{name} must be uint8 or int8, got {getattr(self, name)!r}")
+        if self.exclusion_rounds < 0:
+            raise ConfigError(f"exclusion_rounds must be >= 0, got {self.exclusion_rounds}")
+        self.budget  # validates the budget  # noqa: B018
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.max_accuracy_drop, self.min_agreement)
+
+    def modes(self) -> list[str]:
+        return list(MODES) if self.mode == "auto" else [self.mode]
+
+    def for_mode(self, mode: str) -> dict:
+        """The settings that shaped one mode's variant (recorded in its artifact)."""
+        d = asdict(self)
+        d["mode"] = mode
+        if mode != "static":
+            for k in ("calibration", "calib_samples", "activation_type"):
+                d.pop(k)
+        if mode == "fp16":
+            for k in ("per_channel", "weight_type", "reduce_range"):
+                d.pop(k)
+            d["keep_io_types"] = True
+        return d
+
+
+def variant_name(source: str, mode: str) -> str:
+    """onnx -> int8_dynamic / int8_static / fp16; student_onnx -> student_int8_dynamic, ..."""
+    base = VARIANTS[mode]
+    return base if source == "onnx" else f"{source.removesuffix('_onnx')}_{base}"
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """ORT's quantization tools log advice (not actionable here) on the root logger and ORT's own log."""
+    import onnxruntime as ort
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+@contextlib.contextmanager
+def _working_dir(path: Path):
+    """quant_pre_process leaves stray files in the working directory: run it in a temporary one."""
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
+def preprocess(src: Path, workdir: Path) -> tuple[Path, str]:
+    """quant_pre_process with the Transformer fallback. Returns (model to quantize, what was done)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = workdir / "preprocessed.onnx"
+    failures = []
+    for how, kwargs in (("full", {}), ("skip_symbolic_shape", {"skip_symbolic_shape": True})):
+        try:
+            with _working_dir(workdir):
+                quant_pre_process(str(src.resolve()), str(out.resolve()), **kwargs)
+            return out, how if not failures else f"{how} (full: {failures[0]})"
+        except Exception as e:  # ORT raises bare Exception("Incomplete symbolic shape inference") and others
+            failures.append(str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
+    return src, "skipped: " + "; ".join(failures)
+
+
+def exclusion_candidates(float_model: Path, mode: str, family: str) -> list[str]:
+    """Names of the float graph's nodes that this mode turns lossy (those worth keeping in FP32)."""
+    import onnx
+
+    ops = set(COMPUTE_OPS)
+    if mode == "dynamic":
+        ops &= set(DYNAMIC_OPS[family]) | ({"Gemm"} if "MatMul" in DYNAMIC_OPS[family] else set())
+    elif mode == "static":
+        ops &= set(STATIC_OPS[family])
+    model = onnx.load(str(float_model), load_external_data=False)
+    return [n.name for n in model.graph.node if n.op_type in ops and n.name]
+
+
+def count_int8_nodes(path: Path) -> int:
+    """Nodes that compute in INT8: integer kernels, or compute ops fed by DequantizeLinear (QDQ)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(1 for n in model.graph.node
+               if n.op_type in INT8_KERNELS or (n.op_type in COMPUTE_OPS and any(i in dq_out for i in n.input)))
+
+
+def count_fp16_initializers(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+
+
+def input_names(path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def calibration_samples(ds: Dataset, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded subset of the *training* split (never validation or test). Returns (samples, indices)."""
+    if len(ds.x_train) == 0:
+        raise DataError("static quantization needs calibration data, and the training split is empty")
+    idx = np.sort(np.random.default_rng(seed).permutation(len(ds.x_train))[: min(n, len(ds.x_train))])
+    return ds.x_train[idx], idx
+
+
+def _reader(name: str, x: np.ndarray):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{name: x[i:i + CALIB_BATCH]} for i in range(0, len(x), CALIB_BATCH)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    return Reader()
+
+
+def _quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QUInt8 if name == "uint8" else QuantType.QInt8
+
+
+# --- one mode -------------------------------------------------------------------------------------------
+
+@dataclass
+class ModeResult:
+    variant: str
+    mode: str
+    artifact: Artifact | None = None
+    reason: str = ""            # why no artifact was recorded
+
+
+def _builder(mode: str, cfg: QuantizeConfig, family: str, src: Path, pre: Path, workdir: Path, calib: np.ndarray):
+    """(float model the build starts from, build(excluded nodes) -> path)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
+
+    counter = iter(range(1_000))
+    if mode == "fp16":
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        def build_fp16(excluded: list[str]) -> Path:
+            out = workdir / f"fp16_{next(counter)}.onnx"
+            model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
+                                             node_block_list=excluded or None)
+            onnx.save(model, str(out))
+            return out
+
+        return src, build_fp16
+    if mode == "dynamic":
+        def build_dynamic(excluded: list[str]) -> Path:
+            out = workdir / f"dynamic_{next(counter)}.onnx"
+            # A Gemm named X is decomposed into X_MatMul + X_Add before quantization: exclude both names.
+            quantize_dynamic(str(pre), str(out), op_types_to_quantize=DYNAMIC_OPS[family],
+                             per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
+                             weight_type=_quant_type(cfg.weight_type),
+                             nodes_to_exclude=[*excluded, *(f"{n}_MatMul" for n in excluded)],
+                             extra_options={"MatMulConstBOnly": True})
+            return out
+
+        return pre, build_dynamic
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[cfg.calibration]
+    cache = workdir / "calibration.json"       # ranges are computed once; exclusion retries reuse them
+    name = input_names(pre)[0]
+
+    def build_static(excluded: list[str]) -> Path:
+        out = workdir / f"static_{next(counter)}.onnx"
+        quantize_static(str(pre), str(out), _reader(name, calib), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=STATIC_OPS[family], per_channel=cfg.per_channel,
+                        reduce_range=cfg.reduce_range, activation_type=_quant_type(cfg.activation_type),
+                        weight_type=_quant_type(cfg.weight_type), calibrate_method=method,
+                        nodes_to_exclude=excluded, calibration_cache_path=cache,
+                        extra_options={"MatMulConstBOnly": True})
+        return out
+
+    return pre, build_static
+
+
+def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, source: str,
+                  parent_logits: np.ndarray, workdir: Path) -> ModeResult:
+    from .export import onnx_opset
+    from .runtime import make_session
+
+    variant = variant_name(source, mode)
+    src = run.path(source)
+    family = run.spec.family
+    names = input_names(src)
+    if len(names) != 1:
+        raise ConfigError(f"quantize feeds the data split to one model input; {source} has {len(names)}: {names}")
+    calib, calib_idx = calibration_samples(ds, cfg.calib_samples, cfg.seed)
+    pre, how = (src, "not needed (fp16)") if mode == "fp16" else preprocess(src, workdir)
+    float_model, build = _builder(mode, cfg, family, src, pre, workdir, calib)
+
+    def judge(path: Path):
+        logits = predict_batched(make_session(path, device="cpu"), ds.x_test)
+        return cfg.budget.judge(source, variant, parent_logits, logits, ds.y_test)
+
+    def rank(path: Path) -> list[dict]:
+        x = calib[:SENSITIVITY_SAMPLES]
+        return node_errors(float_model, path, [(x[i:i + CALIB_BATCH],) for i in range(0, len(x), CALIB_BATCH)],
+                           candidates=exclusion_candidates(float_model, mode, family))
+
+    fit = fit_budget(build, judge, rank, max_rounds=cfg.exclusion_rounds)
+    if not fit.fits:
+        why = "only fits with every sensitive node back in FP32" if fit.exhausted else verdict_line(fit.report)
+        return ModeResult(variant, mode, reason=f"over budget after {len(fit.attempts)} build(s): {why}")
+    int8_nodes = count_int8_nodes(fit.path) if mode != "fp16" else None
+    if mode != "fp16" and not int8_nodes:
+        ops = DYNAMIC_OPS[family] if mode == "dynamic" else STATIC_OPS[family]
+        return ModeResult(variant, mode, reason=f"nothing quantized: the graph has no {'/'.join(ops)} node "
+                                                "that ONNX Runtime runs in INT8")
+    out = run.root / f"{variant}.onnx"
+    with atomic_path(out) as tmp:
+        shutil.copyfile(fit.path, tmp)
+    parent_bytes = run.artifact(source).bytes
+    extra = {
+        "budget": cfg.budget.to_json(),
+        "preprocess": how,
+        "op_types": (DYNAMIC_OPS[family] if mode == "dynamic" else STATIC_OPS[family] if mode == "static" else []),
+        "int8_nodes": int8_nodes,
+        "fp16_initializers": count_fp16_initializers(out) if mode == "fp16" else None,
+        "size_ratio": round(out.stat().st_size / parent_bytes, 4),
+        "excluded_nodes": fit.excluded,
+        "attempts": fit.attempts,
+    }
+    if mode == "static":
+        extra["calibration"] = {"split": "train", "samples": int(len(calib)), "method": cfg.calibration,
+                                "seed": cfg.seed, "indices_sha": _digest(calib_idx)}
+    art = run.add_artifact(variant, out.name, stage="quantize", parent=source, lossy=True, config=cfg.for_mode(mode),
+                           opset=onnx_opset(out), extra={k: v for k, v in extra.items() if v is not None}, save=False)
+    rep = fit.report
+    run.record_parity(rep.to_json(), save=False)
+    run.set_metrics(variant, save=False, accuracy=rep.candidate_accuracy, agreement=rep.agreement,
+                    accuracy_drop=rep.accuracy_drop, max_abs=rep.max_abs, cosine=rep.cosine,
+                    mean_abs=rep.checks[0].mean_abs if rep.checks else None, size_ratio=extra["size_ratio"])
+    return ModeResult(variant, mode, artifact=art)
+
+
+def _digest(idx: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:16]
+
+
+def forget_variant(run: Run, variant: str) -> None:
+    """Drop a stale variant this stage made before (its file, record, metrics and parity entries)."""
+    if not run.has(variant):
+        return
+    art = run.artifact(variant)
+    if art.stage != "quantize":
+        raise ArtifactError(f"variant {variant!r} belongs to stage {art.stage!r}; quantize may not replace it")
+    (run.root / art.path).unlink(missing_ok=True)
+    del run.manifest["artifacts"][variant]
+    run.manifest["metrics"].pop(variant, None)
+    run.manifest["parity"] = [p for p in run.manifest["parity"] if variant not in (p["reference"], p["candidate"])]
+    if run.manifest.get("selected") == variant:
+        run.manifest["selected"] = "onnx" if run.has("onnx") else None
+
+
+def quantize(run: Run, cfg: QuantizeConfig, ds: Dataset, *, source: str = "onnx") -> list[ModeResult]:
+    """Build every mode of cfg.modes() from variant `source`; record the ones within budget."""
+    from .runtime import make_session
+
+    art = run.artifact(source)
+    if art.format != "onnx" or art.lossy:
+        raise ArtifactError(f"quantize starts from an FP32 ONNX variant; {source!r} is "
+                            f"{'lossy' if art.lossy else art.format}")
+    if len(ds.x_test) == 0:
+        raise DataError("the accuracy budget is measured on the test split, and it is empty")
+    parent_logits = predict_batched(make_session(run.path(source), device="cpu"), ds.x_test)
+    results = []
+    record = run.manifest.setdefault("quantize", {})
+    for mode in cfg.modes():
+        with tempfile.TemporaryDirectory(prefix="onnxpipe-quant-") as tmp:
+            workdir = Path(tmp)
+            with _quiet_quantizer():
+                res = quantize_mode(run, mode, cfg, ds, source=source, parent_logits=parent_logits, workdir=workdir)
+        if res.artifact is None:
+            forget_variant(run, res.variant)
+            record[res.variant] = {"recorded": False, "reason": res.reason}
+        else:
+            record[res.variant] = {"recorded": True}
+        results.append(res)
+    run.save()
+    return results

@@ -1,0 +1,187 @@
+"""Select stage: time every ONNX variant on this machine and make the fastest one within budget the
+run's `selected` variant.
+
+Rules (choose() is a pure function over recorded timings, so they are testable without a clock):
+  - a variant takes part only if it has a passing verdict against its parent (tensor rule for lossless
+    steps, accuracy budget for lossy ones), no failing verdict, and every ancestor takes part too;
+    so distillation students compete the moment their verdicts are recorded;
+  - a lossy variant slower than its parent at any timed batch size is kept on disk, marked
+    `slower_than_parent`, and never selected (it would trade accuracy for nothing);
+  - among the rest the lowest score wins; the default score is the geometric mean of the p50
+    latencies over the batch sizes, so a 2x gain at batch 1 counts as much as a 2x gain at batch 64.
+The machine's CPU features and ONNX Runtime's thread settings are recorded beside the timings."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ArtifactError, ConfigError
+from .runfolder import Run
+
+TIMING_BLOCK = 3   # per round, each variant runs 3 times back to back; the first re-warms caches, untimed
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    batches: tuple[int, ...] = (1, 64)
+    warmup: int = 5
+    runs: int = 20                      # timed rounds (each times TIMING_BLOCK - 1 calls)
+    min_seconds: float = 0.3            # per batch size: very fast models get more rounds than `runs`
+    threads: int | None = None          # ORT intra-op threads (default: the usable cores)
+    objective: str = "geomean"          # geomean over batch sizes, or one batch size such as "64"
+
+    def __post_init__(self):
+        if not self.batches or min(self.batches) < 1:
+            raise ConfigError(f"batch sizes must be >= 1, got {self.batches}")
+        if self.warmup < 0 or self.runs < 1:
+            raise ConfigError(f"need warmup >= 0 and runs >= 1, got warmup={self.warmup} runs={self.runs}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.objective != "geomean" and self.objective not in {str(b) for b in self.batches}:
+            raise ConfigError(f"objective must be 'geomean' or one of the timed batch sizes "
+                              f"({', '.join(str(b) for b in self.batches)}), got {self.objective!r}")
+
+
+@dataclass
+class Selection:
+    selected: str | None
+    scores: dict[str, float] = field(default_factory=dict)            # ms; lower is better
+    ranking: list[str] = field(default_factory=list)                  # eligible variants, best first
+    excluded: dict[str, str] = field(default_factory=dict)            # variant -> why it cannot be selected
+    slower_than_parent: dict[str, list[str]] = field(default_factory=dict)   # variant -> batch sizes
+
+    def to_json(self) -> dict:
+        return {"selected": self.selected, "scores_ms": {k: round(v, 5) for k, v in self.scores.items()},
+                "ranking": self.ranking, "excluded": self.excluded, "slower_than_parent": self.slower_than_parent}
+
+
+def score(latency_ms: dict[str, float], objective: str = "geomean") -> float:
+    if objective == "geomean":
+        return math.exp(sum(math.log(max(t, 1e-9)) for t in latency_ms.values()) / len(latency_ms))
+    return latency_ms[objective]
+
+
+def choose(variants: dict[str, dict], objective: str = "geomean") -> Selection:
+    """Pick the fastest eligible variant from recorded timings.
+
+    `variants[name]` = {"latency_ms": {"1": p50, "64": p50}, "eligible": bool, "why": str (when not
+    eligible), "parent": str | None, "lossy": bool}."""
+    sel = Selection(selected=None)
+    for name, v in variants.items():
+        parent = variants.get(v.get("parent") or "")
+        if v.get("lossy") and parent is not None:
+            worse = sorted((b for b, t in v["latency_ms"].items()
+                            if b in parent["latency_ms"] and t > parent["latency_ms"][b]), key=int)
+            if worse:
+                sel.slower_than_parent[name] = worse
+    for name, v in variants.items():
+        if not v.get("eligible", False):
+            sel.excluded[name] = v.get("why") or "no passing verdict"
+        elif name in sel.slower_than_parent:
+            sel.excluded[name] = (f"slower than its parent {v['parent']} at batch "
+                                  f"{', '.join(sel.slower_than_parent[name])}")
+        elif not v.get("latency_ms"):
+            sel.excluded[name] = "not timed"
+        else:
+            sel.scores[name] = score(v["latency_ms"], objective)
+    sel.ranking = sorted(sel.scores, key=lambda n: (sel.scores[n], n))
+    sel.selected = sel.ranking[0] if sel.ranking else None
+    return sel
+
+
+# --- verdicts from the manifest -------------------------------------------------------------------------
+
+def verdict(run: Run, variant: str, _seen: frozenset = frozenset()) -> tuple[bool, str]:
+    """(may take part, why not): a passing check against the parent, no failing check, and the same
+    for every ancestor. The root (no parent) is the reference itself."""
+    art = run.artifact(variant)
+    if art.parent is None:
+        return True, ""
+    entries = [p for p in run.manifest["parity"] if p["candidate"] == variant]
+    failing = [p for p in entries if not p["passed"]]
+    if failing:
+        p = failing[0]
+        return False, f"failed its {p['rule']} check against {p['reference']}"
+    if not any(p["reference"] == art.parent for p in entries):
+        return False, f"no verdict against its parent {art.parent}: run `onnxpipe verify`"
+    if art.parent in _seen or not run.has(art.parent):
+        return True, ""
+    ok, why = verdict(run, art.parent, _seen | {variant})
+    return (True, "") if ok else (False, f"its parent {art.parent} is not eligible ({why})")
+
+
+# --- timing on this machine -----------------------------------------------------------------------------
+
+def machine_record(threads: int) -> dict:
+    """The CPU features and ORT session settings that the timings depend on."""
+    import onnxruntime as ort
+
+    from .cpu import cpu_features
+
+    return {
+        "cpu": cpu_features(),
+        "onnxruntime": {
+            "version": ort.__version__,
+            "providers": ["CPUExecutionProvider"],
+            "intra_op_num_threads": threads,
+            "inter_op_num_threads": 1,
+            "execution_mode": "sequential",
+            "allow_spinning": False,             # while timing: sessions take turns on the same cores
+            "graph_optimization_level": "all",   # applied at load; saved files stay portable
+        },
+    }
+
+
+def time_variants(run: Run, names: list[str], cfg: SelectConfig) -> dict[str, dict[str, object]]:
+    """{variant: {batch (str): Latency}} for ONNX variants, interleaved per batch size."""
+    from .timing import time_interleaved
+    from .variants import load_predictor
+
+    spec, model_cfg = run.spec, run.model_config()
+    # Spinning off: the sessions take turns on the same cores, and an idle session's busy-waiting
+    # threads would otherwise slow whichever variant runs next.
+    fns = {v: load_predictor(run, v, device="cpu", threads=cfg.threads, spinning=False) for v in names}
+    out: dict[str, dict[str, object]] = {v: {} for v in names}
+    for b in cfg.batches:
+        inputs = tuple(np.ascontiguousarray(t.numpy()) for t in spec.example_inputs(model_cfg, batch=b))
+        lat = time_interleaved({v: (lambda f=f: f(*inputs)) for v, f in fns.items()}, batch=b,
+                               warmup=cfg.warmup, runs=cfg.runs, min_seconds=cfg.min_seconds, block=TIMING_BLOCK)
+        for v, latency in lat.items():
+            out[v][str(b)] = latency
+    return out
+
+
+def select(run: Run, cfg: SelectConfig) -> Selection:
+    """Time the run's ONNX variants, choose, and record timings, marks and the choice in the manifest."""
+    from .runtime import physical_cores
+
+    names = [v for v in run.variants() if run.artifact(v).format == "onnx"]
+    if not names:
+        raise ArtifactError(f"run {run.root} has no ONNX variant to select from; run `onnxpipe export` first")
+    timings = time_variants(run, names, cfg)
+    table = {}
+    for v in names:
+        art = run.artifact(v)
+        ok, why = verdict(run, v)
+        table[v] = {"latency_ms": {b: lat.p50 for b, lat in timings[v].items()}, "eligible": ok, "why": why,
+                    "parent": art.parent, "lossy": art.lossy}
+    sel = choose(table, cfg.objective)
+    if sel.selected is None:
+        raise ArtifactError("no ONNX variant may be selected: " +
+                            "; ".join(f"{v}: {why}" for v, why in sel.excluded.items()))
+    for v in names:
+        values = {"latency_ms": table[v]["latency_ms"],
+                  "latency_detail": {b: lat.to_json() for b, lat in timings[v].items()}}
+        if table[v]["lossy"] and run.has(table[v]["parent"] or "") and table[v]["parent"] in table:
+            values["slower_than_parent"] = v in sel.slower_than_parent
+        run.set_metrics(v, save=False, **values)
+    run.manifest["machine"] = machine_record(cfg.threads or physical_cores())
+    run.manifest["selection"] = {**sel.to_json(), "objective": cfg.objective,
+                                 "batches": [str(b) for b in cfg.batches],
+                                 "timing": {"method": f"interleaved rounds, blocks of {TIMING_BLOCK} (first untimed), p50", "warmup": cfg.warmup, "runs": cfg.runs,
+                                            "min_seconds": cfg.min_seconds, "inputs": "random, trained shape"}}
+    run.manifest["selected"] = sel.selected
+    run.save()
+    return sel

@@ -1,0 +1,124 @@
+"""Selection: the rule on recorded timings (pure), verdicts from the manifest, CPU features, and one
+real timing pass that writes latency, marks and the machine record."""
+import pytest
+
+from pipeline.cpu import cpu_features, features_from_flags, parse_cpuinfo
+from pipeline.data import reload_dataset
+from pipeline.errors import ConfigError
+from pipeline.orchestrate import STAGES, Context
+from pipeline.quantize import QuantizeConfig, quantize
+from pipeline.runfolder import Run
+from pipeline.select import SelectConfig, choose, score, select, verdict
+
+
+def v(b1, b64, *, parent=None, lossy=False, eligible=True, why=""):
+    return {"latency_ms": {"1": b1, "64": b64}, "parent": parent, "lossy": lossy, "eligible": eligible, "why": why}
+
+
+def test_fastest_variant_within_budget_is_selected():
+    table = {"onnx": v(1.0, 20.0, parent="torch"), "onnx_opt": v(0.9, 19.0, parent="onnx"),
+             "int8_dynamic": v(0.5, 12.0, parent="onnx", lossy=True)}
+    sel = choose(table)
+    assert sel.selected == "int8_dynamic" and sel.ranking == ["int8_dynamic", "onnx_opt", "onnx"]
+    assert not sel.slower_than_parent and not sel.excluded
+
+
+def test_quantized_variant_slower_than_its_parent_is_never_selected():
+    # Fastest overall by the geometric mean, but slower than FP32 at batch 1: marked and excluded.
+    table = {"onnx": v(1.0, 20.0, parent="torch"), "int8_static": v(1.05, 5.0, parent="onnx", lossy=True),
+             "fp16": v(3.0, 60.0, parent="onnx", lossy=True)}
+    sel = choose(table)
+    assert sel.selected == "onnx"
+    assert sel.slower_than_parent == {"int8_static": ["1"], "fp16": ["1", "64"]}
+    assert "slower than its parent onnx at batch 1" in sel.excluded["int8_static"]
+
+
+def test_lossless_variants_are_not_held_to_their_parent_and_ineligible_ones_never_win():
+    table = {"onnx": v(1.0, 20.0, parent="torch"), "onnx_opt": v(1.1, 16.0, parent="onnx"),
+             "int8_static": v(0.2, 2.0, parent="onnx", lossy=True, eligible=False, why="over budget")}
+    sel = choose(table)
+    assert sel.selected == "onnx_opt" and sel.excluded == {"int8_static": "over budget"}
+    assert "onnx_opt" not in sel.slower_than_parent
+
+
+def test_objective_picks_one_batch_size():
+    table = {"a": v(1.0, 10.0, parent="torch"), "b": v(2.0, 8.0, parent="torch")}
+    assert choose(table, "1").selected == "a" and choose(table, "64").selected == "b"
+    assert score({"1": 1.0, "64": 16.0}) == pytest.approx(4.0)
+
+
+def test_student_variants_compete_through_their_verdicts():
+    # A distilled student's INT8 child competes like any variant; its FP32 parent is student_onnx.
+    table = {"onnx": v(1.0, 20.0, parent="torch"), "student_onnx": v(0.4, 6.0, parent="student"),
+             "student_int8_static": v(0.3, 4.0, parent="student_onnx", lossy=True)}
+    assert choose(table).selected == "student_int8_static"
+    assert choose({}).selected is None
+
+
+def test_bad_select_options_are_clear_errors():
+    with pytest.raises(ConfigError, match="objective"):
+        SelectConfig(objective="32")
+    with pytest.raises(ConfigError, match="batch sizes"):
+        SelectConfig(batches=(0, 64))
+
+
+def test_cpu_features_from_cpuinfo():
+    avx2 = "processor\t: 0\nmodel name\t: Old EPYC\nflags\t\t: fpu sse4_2 avx fma avx2\n"
+    info = parse_cpuinfo(avx2)
+    f = features_from_flags(info["flags"])
+    assert info["model"] == "Old EPYC" and f["avx2"] and not f["avx512f"] and not f["int8_dot"]
+    vnni = features_from_flags(parse_cpuinfo(avx2.replace("avx2", "avx2 avx512f avx512_vnni"))["flags"])
+    assert vnni["avx512_vnni"] and vnni["int8_dot"]
+    amx = features_from_flags({"amx_int8", "amx_tile"})
+    assert amx["amx_int8"] and amx["int8_dot"]
+    here = cpu_features()
+    assert here["usable_cpus"] >= 1 and set(here["features"]) >= {"avx2", "avx512_vnni", "amx_int8", "int8_dot"}
+
+
+def test_verdicts_follow_the_manifest_and_the_lineage(copy_of):
+    run = Run.open(copy_of("cnn"))
+    quantize(run, QuantizeConfig(mode="static", max_accuracy_drop=100.0, min_agreement=0.0),
+             reload_dataset(run.manifest["dataset"]))
+    assert verdict(run, "onnx") == (True, "") and verdict(run, "int8_static") == (True, "")
+    for p in run.manifest["parity"]:
+        if p["candidate"] == "onnx":
+            p["passed"] = False
+    ok, why = verdict(run, "onnx")
+    assert not ok and "failed its tensor check against torch" in why
+    ok, why = verdict(run, "int8_static")
+    assert not ok and "its parent onnx is not eligible" in why
+    run.manifest["parity"] = [p for p in run.manifest["parity"] if p["candidate"] != "int8_static"]
+    assert "no verdict against its parent onnx" in verdict(run, "int8_static")[1]
+
+
+def test_select_times_every_onnx_variant_and_records_the_machine(copy_of):
+    run = Run.open(copy_of("cnn"))
+    quantize(run, QuantizeConfig(mode="auto"), reload_dataset(run.manifest["dataset"]))
+    sel = select(run, SelectConfig(warmup=1, runs=3, min_seconds=0.0))
+    run = Run.open(run.root)
+    onnx_variants = [x for x in run.variants() if run.artifact(x).format == "onnx"]
+    for name in onnx_variants:
+        lat = run.metrics(name)["latency_ms"]
+        assert set(lat) == {"1", "64"} and all(t > 0 for t in lat.values())
+        if run.artifact(name).lossy:
+            assert run.metrics(name)["slower_than_parent"] == (name in sel.slower_than_parent)
+    assert run.manifest["selected"] == sel.selected and sel.selected in onnx_variants
+    assert sel.selected not in sel.slower_than_parent
+    machine = run.manifest["machine"]
+    assert machine["onnxruntime"]["intra_op_num_threads"] >= 1 and "avx2" in machine["cpu"]["features"]
+    assert run.manifest["selection"]["ranking"][0] == sel.selected
+
+
+def test_compression_stages_run_in_pipeline_order(copy_of):
+    names = [n for n, _ in STAGES]
+    assert names.index("export") < names.index("optimize") < names.index("quantize") < names.index("verify") \
+        < names.index("select")
+    run = Run.open(copy_of("lstm"))
+    ctx = Context(progress=False, stage_options={"select": {"warmup": 1, "runs": 2, "min_seconds": 0.0}})
+    for name, fn in STAGES:
+        if name in ("optimize", "quantize", "verify", "select"):
+            fn(run, ctx)
+    run = Run.open(run.root)
+    assert {"onnx_opt", "fp16"} <= set(run.variants())
+    assert run.manifest["selected"] in run.variants() and run.manifest["machine"]["cpu"]["features"]
+    assert all(p["passed"] for p in run.manifest["parity"])
