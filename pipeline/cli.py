@@ -188,6 +188,9 @@ def run_cmd(
         runs.append(run)
     for run in runs:
         _summary(run)
+    for run in runs:
+        if (run.root / "report.html").is_file():
+            typer.echo(f"report: {run.root / 'report.html'} (and report.md)")
     typer.echo(f"done in {time.monotonic() - t0:.1f} s; run folders: {', '.join(str(r.root) for r in runs)}")
 
 
@@ -531,6 +534,37 @@ def export_triton_cmd(
     entry = export_triton(Run.open(run_dir), out_dir, variant, cfg)
     typer.echo(f"wrote {entry}/config.pbtxt and {entry}/1/model.onnx; serve with "
                f"`tritonserver --model-repository {out_dir}`")
+
+
+@app.command("report")
+@user_errors
+def report_cmd(run_dir: RunArg) -> None:
+    """Write report.html (self-contained, opens offline) and report.md into the run folder."""
+    from .report import write_report
+    from .runfolder import Run
+
+    page, md = write_report(Run.open(run_dir))
+    typer.echo(f"report: {page} (and {md.name})")
+
+
+@app.command("explain")
+@user_errors
+def explain_cmd(
+    run_dir: RunArg,
+    samples: Annotated[int, typer.Option("--samples", min=1, max=64, help="Test samples per grid (misclassified ones first).")] = 8,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Integrated-gradients steps.")] = 32,
+    seed: SeedOpt = 0,
+) -> None:
+    """Attributions of the torch model (integrated gradients; attention maps for attention models) as PNG grids."""
+    from .explain import ExplainConfig, explain
+    from .runfolder import Run
+
+    run = Run.open(run_dir)
+    info = explain(run, ExplainConfig(samples=samples, steps=steps, seed=seed))
+    typer.echo(f"{info['method']}; torch misclassifies {info['misclassified_by_torch']} test samples")
+    for g in info["groups"]:
+        typer.echo(f"  {g['title']}: {run.root / g['png']}")
+    typer.echo("`onnxpipe report RUN` shows them beside the variants")
 
 
 def main() -> None:

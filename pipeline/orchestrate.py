@@ -114,6 +114,32 @@ def stage_verify(run: Run, ctx: Context) -> None:
         raise ParityError(failed[0])
 
 
+def stage_bench(run: Run, ctx: Context) -> None:
+    from .bench import BenchConfig, bench
+
+    try:
+        cfg = BenchConfig(**ctx.options("bench"))
+    except TypeError as e:
+        raise ConfigError(f"bad [bench] setting: {e}") from None
+    bench(run, cfg)
+
+
+def stage_explain(run: Run, ctx: Context) -> None:
+    from .explain import ExplainConfig, explain
+
+    try:
+        cfg = ExplainConfig(**ctx.options("explain"))
+    except TypeError as e:
+        raise ConfigError(f"bad [explain] setting: {e}") from None
+    explain(run, cfg, ctx.data_for(run))
+
+
+def stage_report(run: Run, ctx: Context) -> None:
+    from .report import write_report
+
+    write_report(run)  # report.html + report.md in the run folder; `onnxpipe run` prints the path
+
+
 StageFn = Callable[[Run, Context], None]
 STAGES: list[tuple[str, StageFn]] = [
     ("train", stage_train),
@@ -122,6 +148,9 @@ STAGES: list[tuple[str, StageFn]] = [
     ("quantize", stage_quantize),
     ("verify", stage_verify),
     ("select", stage_select),
+    ("bench", stage_bench),
+    ("explain", stage_explain),
+    ("report", stage_report),
 ]
 
 

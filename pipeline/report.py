@@ -8,9 +8,11 @@ with the Pareto front and marker area ~ file size; latency per variant per batch
 per-node divergence of quantized variants where the manifest has it) and the explanation grids of
 `onnxpipe explain`, shown beside the variant that disagreed with torch.
 
-Per-node divergence is read, where present, from a parity entry's "nodes" list (or an artifact's
-extra["node_divergence"] / metrics[v]["node_divergence"]): items {"node": name, "max_abs": x} (or
-"name"/"tensor" and "mean_abs"/"rel_error"/"mse"/"cosine"), or a plain {node: value} mapping."""
+Per-node divergence is read, where present, from a parity entry's "nodes" list, an artifact's
+extra["node_divergence"] or metrics[v]["node_divergence"]: items {"node": name, "added_error": x} (as
+pipeline.budget.node_errors writes them; "name"/"tensor" and "max_abs"/"mean_abs"/"mse"/... work too),
+or a plain {node: value} mapping. Failing those, the quantizer's extra["excluded_nodes"] (the nodes kept
+in FP32, ranked on the fully quantized build) is charted."""
 from __future__ import annotations
 
 import base64
@@ -27,7 +29,7 @@ REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 ASSETS = "report_files"          # PNGs referenced by report.md (report.html inlines them)
 NODE_KEYS = ("node", "name", "tensor", "output")
-VALUE_KEYS = ("max_abs", "mean_abs", "rel_error", "mse", "cosine", "error")
+VALUE_KEYS = ("added_error", "output_error", "max_abs", "mean_abs", "rel_error", "mse", "cosine", "error")
 
 
 # --- blocks ---------------------------------------------------------------------------------------
@@ -104,22 +106,27 @@ def latency_table(run: Run) -> tuple[str, dict[str, dict[int, dict[str, dict]]]]
     return "the select stage's timing (metrics.latency_ms)", out
 
 
-def node_divergence(run: Run, variant: str) -> tuple[str, list[tuple[str, float]]] | None:
-    """(value name, [(node, value), ...]) for a variant, from wherever the manifest holds it."""
-    candidates = [p.get("nodes") or p.get("node_divergence") for p in run.manifest.get("parity", [])
+def node_divergence(run: Run, variant: str) -> tuple[str, list[tuple[str, float]], str] | None:
+    """(value name, [(node, value), ...], where it came from) for a variant, from wherever the manifest holds it."""
+    art = run.artifact(variant)
+    candidates = [(p.get("nodes") or p.get("node_divergence"), "parity check") for p in run.manifest.get("parity", [])
                   if p.get("candidate") == variant]
-    candidates += [run.artifact(variant).extra.get("node_divergence"), run.metrics(variant).get("node_divergence")]
-    for data in candidates:
+    candidates += [(art.extra.get("node_divergence"), "quantizer"), (run.metrics(variant).get("node_divergence"), "metrics"),
+                   (art.extra.get("excluded_nodes"), "nodes kept in FP32, ranked on the fully quantized build")]
+    for data, source in candidates:
         if not data:
             continue
         if isinstance(data, dict):
-            return "divergence", [(str(k), float(v)) for k, v in data.items() if isinstance(v, (int, float))]
+            items = [(str(k), float(v)) for k, v in data.items() if isinstance(v, (int, float))]
+            if items:
+                return "divergence", items, source
         if isinstance(data, list) and isinstance(data[0], dict):
             node_key = next((k for k in NODE_KEYS if k in data[0]), None)
             value_key = next((k for k in VALUE_KEYS if k in data[0]), None)
             if node_key and value_key:
-                return value_key, [(str(d[node_key]), float(d[value_key])) for d in data
-                                   if isinstance(d.get(value_key), (int, float))]
+                items = [(str(d[node_key]), float(d[value_key])) for d in data if isinstance(d.get(value_key), (int, float))]
+                if items:
+                    return value_key, items, source
     return None
 
 
@@ -233,7 +240,7 @@ def plot_training(run: Run) -> Figure | None:
     return Figure("training.png", _png(fig), "Training loss and validation accuracy per epoch (variant torch).")
 
 
-def plot_divergence(variant: str, value_name: str, items: list[tuple[str, float]], top: int = 25) -> Figure:
+def plot_divergence(variant: str, value_name: str, items: list[tuple[str, float]], source: str, top: int = 25) -> Figure:
     plt = _pyplot()
     worst = sorted(items, key=lambda kv: kv[1], reverse=value_name != "cosine")[:top]
     fig, ax = plt.subplots(figsize=(7, 0.28 * len(worst) + 1.2))
@@ -243,7 +250,7 @@ def plot_divergence(variant: str, value_name: str, items: list[tuple[str, float]
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(axis="x", alpha=0.3)
     return Figure(f"divergence_{variant}.png", _png(fig), f"Per-node {value_name} of {variant} against its parent, "
-                  "worst nodes first: where the quantized graph drifts.")
+                  f"worst nodes first: where the quantized graph drifts (source: {source}).")
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -287,9 +294,8 @@ def build_report(run: Run) -> Report:
     divergences = [(v, d) for v in run.variants() if run.artifact(v).lossy and (d := node_divergence(run, v))]
     if divergences:
         rep.h("Per-node divergence of quantized variants", 3)
-        for v, (value_name, items) in divergences:
-            if items:
-                rep.figure(plot_divergence(v, value_name, items))
+        for v, (value_name, items, source) in divergences:
+            rep.figure(plot_divergence(v, value_name, items, source))
     elif any(run.artifact(v).lossy for v in run.variants()):
         rep.p("The manifest holds no per-node divergence for the lossy variants.")
 

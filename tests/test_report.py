@@ -105,3 +105,30 @@ def test_images_are_inline_valid_pngs_and_nothing_is_fetched(reported):
 def test_pareto_front_keeps_only_undominated_points():
     pts = [("slow_best", 10.0, 0.99), ("fast_ok", 1.0, 0.95), ("dominated", 5.0, 0.94), ("mid", 3.0, 0.97)]
     assert pareto_front(pts) == ["fast_ok", "mid", "slow_best"]
+
+
+def test_pipeline_ends_with_bench_explain_report_stages(copy_of):
+    from pipeline.orchestrate import STAGES, Context
+
+    names = [n for n, _ in STAGES]
+    assert names[-3:] == ["bench", "explain", "report"] and names.index("verify") < names.index("bench")
+    run = Run.open(copy_of("cnn"))
+    ctx = Context(progress=False, stage_options={
+        "bench": {"batches": [2], "threads": [1], "runs": 2, "warmup": 0, "block": 2, "memory": False},
+        "explain": {"samples": 2, "steps": 2}})
+    for name, fn in STAGES[-3:]:
+        fn(run, ctx)
+    page = (run.root / REPORT_HTML).read_text()
+    assert "explain/torch.png" in (run.root / REPORT_MD).read_text() and "Every bench cell" in page
+
+
+def test_cli_report_writes_both_files(copy_of):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root = copy_of("cnn")
+    res = CliRunner().invoke(app, ["report", str(root)])
+    assert res.exit_code == 0 and "report.html" in res.output
+    assert (root / REPORT_HTML).is_file() and (root / REPORT_MD).is_file()
+    assert "No latency measured yet" in (root / REPORT_MD).read_text()

@@ -1,0 +1,289 @@
+"""Benchmarks: build the runs (every model, default and --size base), bench them side by side in this
+one process tree, and write benchmarks/results.json plus a Markdown section of benchmarks/RESULTS.md.
+
+    python benchmarks/run_benchmarks.py                 # the documented default (see README.md)
+    python benchmarks/run_benchmarks.py --models cnn --sizes default --threads 1 --runs 10
+
+Runs live in benchmarks/runs/<model>-<size> and are reused when present (--rebuild makes them again), so
+a second invocation only measures. Every ratio in the output is measured within one run's interleaved
+rounds (pipeline.bench): selected variant vs PyTorch eager, and achieved GFLOP/s vs the matmul peak
+timed in the same rounds. Absolute latencies move with the machine's load; the ratios are the result.
+Only the part of RESULTS.md between the two markers below is rewritten; the rest is left alone."""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- onnxpipe-benchmarks:begin -->", "<!-- onnxpipe-benchmarks:end -->"
+MODELS = ("cnn", "lstm", "gru", "transformer")
+SPEEDUP_TARGET = 1.5
+PEAK_TARGET = 0.8
+MEASURE_STAGES = ("bench", "explain", "report")   # this script measures and reports itself
+
+
+def ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=names, default=MODELS, help="comma-separated models (default: all four)")
+    p.add_argument("--sizes", type=names, default=("default", "base"), help="comma-separated size presets")
+    p.add_argument("--out", type=Path, default=HERE / "runs", help="folder of the run folders")
+    p.add_argument("--rebuild", action="store_true", help="rebuild run folders that exist")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs of default-size runs (default: the model's)")
+    p.add_argument("--base-epochs", type=int, default=5,
+                   help="training epochs of base-size runs (default 5: they are built for speed, not accuracy)")
+    p.add_argument("--limit", type=int, default=None, help="train on a subset of N samples (smoke runs)")
+    p.add_argument("--stages", type=names, default=None, help="pipeline stages to build with (default: all but bench/explain/report)")
+    p.add_argument("--batch", type=ints, default=(1, 64), help="batch sizes (default 1,64)")
+    p.add_argument("--threads", type=ints, default=None, help="thread counts (default: 1 and all cores)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--runs", type=int, default=15, help="timed rounds per cell (default 15)")
+    p.add_argument("--block", type=int, default=3, help="calls per variant per round, the first untimed (default 3)")
+    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-RSS probes")
+    p.add_argument("--no-report", action="store_true", help="skip report.html in each run folder")
+    p.add_argument("--results", type=Path, default=HERE / "results.json")
+    p.add_argument("--markdown", type=Path, default=HERE / "RESULTS.md")
+    return p.parse_args(argv)
+
+
+def build_or_open(model: str, size: str, args, log):
+    """The run folder for (model, size): reused when complete, else built with the pipeline's stages."""
+    from pipeline.orchestrate import STAGES, Context, run_model
+    from pipeline.runfolder import Run
+
+    root = args.out / f"{model}-{size}"
+    if (root / "manifest.json").is_file() and not args.rebuild:
+        run = Run.open(root)
+        if run.manifest.get("timings", {}).get("export") is not None or len(run.variants()) > 1:
+            log(f"[{model}-{size}] reusing {root}")
+            return run, None
+    stages = list(args.stages) if args.stages else [n for n, _ in STAGES if n not in MEASURE_STAGES]
+    epochs = args.base_epochs if size == "base" else args.epochs
+    ctx = Context(limit=args.limit, progress=False, train_overrides={"epochs": epochs} if epochs else {})
+    log(f"[{model}-{size}] building: {', '.join(stages)}")
+    t0 = time.monotonic()
+    run = run_model(model, root, ctx, size=None if size == "default" else size, force=True, stages=stages,
+                    on_stage=lambda m, s: log(f"[{model}-{size}]   {s}"))
+    return run, round(time.monotonic() - t0, 1)
+
+
+def evaluate_targets(run, model: str, size: str) -> list[dict]:
+    """The issue's targets for one run, per thread count: selected vs eager >= 1.5x at batch 1 and 64;
+    for the default CNN, ORT FP32 (variant onnx) at batch 64 >= 80% of the FP32 matmul peak."""
+    out = []
+    selected = run.manifest.get("selected")
+    torch_bench = run.metrics("torch").get("bench", {}).get("latency", {}) if run.has("torch") else {}
+    for threads in torch_bench:
+        for batch in ("1", "64"):
+            ref = torch_bench[threads].get(batch)
+            cell = (run.metrics(selected).get("bench", {}).get("latency", {}).get(threads, {}).get(batch)
+                    if selected else None)
+            if ref is None:
+                continue
+            x = cell.get("speedup_vs_torch") if cell else None
+            out.append({"target": f"selected vs torch eager, batch {batch}", "threads": int(threads),
+                        "variant": selected, "value": x, "goal": SPEEDUP_TARGET,
+                        "met": x is not None and x >= SPEEDUP_TARGET,
+                        "torch_p50_ms": ref["p50_ms"], "variant_p50_ms": cell["p50_ms"] if cell else None,
+                        "limit": cell.get("limit") if cell else None,
+                        "why": None if cell else "no selected variant"})
+        if model == "cnn" and size == "default" and run.has("onnx"):
+            cell = run.metrics("onnx").get("bench", {}).get("latency", {}).get(threads, {}).get("64")
+            if cell:
+                frac = cell.get("fraction_of_peak")
+                out.append({"target": "ORT FP32 (onnx) at batch 64 vs FP32 matmul peak", "threads": int(threads),
+                            "variant": "onnx", "value": frac, "goal": PEAK_TARGET,
+                            "met": frac is not None and frac >= PEAK_TARGET, "gflops": cell.get("gflops"),
+                            "variant_p50_ms": cell["p50_ms"], "limit": cell.get("limit"), "why": None})
+    return out
+
+
+def summarize_run(run, model: str, size: str, build_s, bench_s) -> dict:
+    variants = {}
+    for v in run.manifest.get("bench", {}).get("variants", []):
+        b = run.metrics(v).get("bench", {})
+        a = run.artifact(v)
+        variants[v] = {"parent": a.parent, "stage": a.stage, "lossy": a.lossy, "bytes": a.bytes,
+                       "accuracy": run.metrics(v).get("accuracy"), "flops": b.get("flops"),
+                       "peak_rss_mb": b.get("peak_rss_mb"), "import_rss_mb": b.get("import_rss_mb"),
+                       "latency": b.get("latency")}
+    return {"model": model, "size": size, "run": str(run.root), "selected": run.manifest.get("selected"),
+            "build_seconds": build_s, "bench_seconds": bench_s, "model_config": run.manifest.get("model_config"),
+            "training": {k: run.manifest.get("training", {}).get(k) for k in ("epochs_run", "best_val_accuracy")},
+            "limits": run.manifest.get("bench", {}).get("limits"), "variants": variants,
+            "targets": evaluate_targets(run, model, size)}
+
+
+# --- Markdown -------------------------------------------------------------------------------------
+
+def _f(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown(results: dict) -> str:
+    m, s = results["machine"], results["settings"]
+    lines = [BEGIN, "", "## Benchmarks: every model against PyTorch eager and against the machine's limit", "",
+             f"Generated {results['created']} in {results['seconds']:.0f} s by:", "", "```bash", results["command"], "```", "",
+             f"- Machine: {m['cpu']}, {m['usable_cpus']} usable cores ({m['logical_cpus']} logical), "
+             f"{m.get('memory_gib')} GiB; flags: {', '.join(m['flags'])}; {m['platform']}",
+             "- Libraries: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
+             f"- Settings: batches {s['batches']}, threads {s['threads']}, {s['runs']} rounds x {s['block']} calls "
+             f"(first untimed) after {s['warmup']} warm-up rounds, every variant and the limit probes interleaved "
+             "per round; ORT thread pools not spinning between calls; medians.",
+             "- Ratios are measured side by side within one run's rounds; absolute latencies move with the "
+             "machine's load (it is shared).", ""]
+    lines += ["### Targets", "",
+              "| model | size | target | threads | variant | torch p50 ms | variant p50 ms | value | goal | met | limit |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        if r.get("error") and not r.get("targets"):
+            lines.append(f"| {r['model']} | {r['size']} | (run failed) | - | - | - | - | - | - | MISSED | {r['error'][:120]} |")
+        for t in r.get("targets", []):
+            is_peak = "peak" in t["target"]
+            if t["value"] is None:
+                value = "-"
+            else:
+                value = f"{100 * t['value']:.0f} %" if is_peak else f"{t['value']:.2f}x"
+            goal = f"{100 * t['goal']:.0f} %" if is_peak else f"{t['goal']}x"
+            lines.append(f"| {r['model']} | {r['size']} | {t['target']} | {t['threads']} | {t['variant'] or '-'} | "
+                         f"{_f(t.get('torch_p50_ms'), '.3f')} | {_f(t.get('variant_p50_ms'), '.3f')} | {value} | {goal} | "
+                         f"{'yes' if t['met'] else 'MISSED'} | {t.get('limit') or t.get('why') or '-'} |")
+    lines += ["", "### Every variant against the limit", "",
+              "FLOPs per row from the ONNX graph (int8 variants: integer ops); peak: the FP32 or INT8 matmul rate "
+              "measured in the same rounds; compute floor = work / peak; overhead = one near-empty call. "
+              "`limit` names the higher floor.", "",
+              "| model | size | variant | acc | KiB | RSS MB | kind | MFLOP/row | thr | batch | p50 ms | p90 ms | p99 ms | x torch | GFLOP/s | % peak | floor ms | overhead us | limit |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        for v, d in r.get("variants", {}).items():
+            fl = d.get("flops") or {}
+            for thr, per_batch in (d.get("latency") or {}).items():
+                for b, c in per_batch.items():
+                    name = v + (" *" if v == r.get("selected") else "")
+                    lines.append(
+                        f"| {r['model']} | {r['size']} | {name} | {_f(d.get('accuracy'), '.4f')} | {d['bytes'] / 1024:.0f} | "
+                        f"{_f(d.get('peak_rss_mb'), '.0f')} | {fl.get('kind', '-')} | "
+                        f"{_f(None if not fl else fl['total'] / 1e6, '.3f')} | {thr} | {b} | {c['p50_ms']:.3f} | "
+                        f"{c['p90_ms']:.3f} | {c['p99_ms']:.3f} | {_f(c.get('speedup_vs_torch'), '.2f')} | "
+                        f"{_f(c.get('gflops'), '.1f')} | {_f(None if c.get('fraction_of_peak') is None else 100 * c['fraction_of_peak'], '.0f')} | "
+                        f"{_f(c.get('compute_floor_ms'), '.3f')} | {_f(None if c.get('overhead_ms') is None else 1000 * c['overhead_ms'], '.0f')} | "
+                        f"{c.get('limit') or '-'} |")
+    lines += ["", "`*` = the run's selected variant. Machine limits per run (measured in the same rounds):", "",
+              "| model | size | threads | batch | FP32 matmul GFLOP/s | INT8 matmul GOP/s | ORT call us | torch call us |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        for thr, lim in (r.get("limits") or {}).items():
+            for b, x in lim.get("by_batch", {}).items():
+                lines.append(f"| {r['model']} | {r['size']} | {thr} | {b} | {x['fp32_gflops']:.0f} | {x['int8_gops']:.0f} | "
+                             f"{1000 * x['overhead_ms']:.1f} | {1000 * x['torch_overhead_ms']:.1f} |")
+    failed = [r for r in results["runs"] if r.get("error")]
+    if failed:
+        lines += ["", "### Runs that failed", ""]
+        lines += [f"- {r['model']}-{r['size']}: {r['error']}" for r in failed]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, section: str) -> None:
+    """Replace the generated section of RESULTS.md (between the markers), keeping everything else."""
+    from pipeline.atomic import write_bytes
+
+    text = path.read_text() if path.is_file() else "# Benchmark results\n\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    write_bytes(path, text.encode())
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python benchmarks/run_benchmarks.py" + ("".join(" " + shlex.quote(a) for a in argv) if argv is not None
+                                                         else "".join(" " + shlex.quote(a) for a in sys.argv[1:]))
+
+    import models  # noqa: F401  (registers the built-in models)
+    from pipeline.atomic import write_json
+    from pipeline.bench import BenchConfig, bench
+    from pipeline.errors import OnnxpipeError
+    from pipeline.peak import machine_info
+    from pipeline.runfolder import library_versions
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    cfg = BenchConfig(batches=args.batch, threads=args.threads, warmup=args.warmup, runs=args.runs, block=args.block,
+                      memory=not args.no_memory)
+    t_start = time.monotonic()
+    runs = []
+    for model in args.models:
+        for size in args.sizes:
+            entry = {"model": model, "size": size}
+            run = None
+            try:
+                run, build_s = build_or_open(model, size, args, log)
+            except OnnxpipeError as e:  # a stage failed: record it, still measure what the run folder holds
+                entry["error"] = f"build failed: {e}".splitlines()[0]
+                log(f"[{model}-{size}] {entry['error']}")
+                from pipeline.runfolder import Run
+
+                root = args.out / f"{model}-{size}"
+                run = Run.open(root) if (root / "manifest.json").is_file() else None
+                build_s = None
+            if run is None or len(run.variants()) < 2:
+                runs.append(entry)
+                continue
+            log(f"[{model}-{size}] bench: {', '.join(run.variants())}")
+            t0 = time.monotonic()
+            try:
+                bench(run, cfg, log=lambda msg, tag=f"[{model}-{size}]": log(f"{tag}   {msg}"))
+            except OnnxpipeError as e:
+                entry["error"] = f"bench failed: {e}".splitlines()[0]
+                runs.append(entry)
+                continue
+            bench_s = round(time.monotonic() - t0, 1)
+            if not args.no_report:
+                from pipeline.report import write_report
+
+                write_report(run)
+            runs.append({**summarize_run(run, model, size, build_s, bench_s), **entry})
+    results = {
+        "command": command, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - t_start, 1), "machine": machine_info(), "versions": library_versions(),
+        "settings": {"batches": list(cfg.batches), "threads": list(cfg.thread_counts()), "warmup": cfg.warmup,
+                     "runs": cfg.runs, "block": cfg.block, "memory": cfg.memory, "base_epochs": args.base_epochs,
+                     "epochs": args.epochs, "limit": args.limit},
+        "runs": runs,
+    }
+    write_json(args.results, results)
+    write_markdown(args.markdown, markdown(results))
+    missed = [(r["model"], r["size"], t["target"], t["threads"]) for r in runs for t in r.get("targets", []) if not t["met"]]
+    log(f"wrote {args.results} and {args.markdown} in {results['seconds']:.0f} s; "
+        f"{sum(len(r.get('targets', [])) for r in runs) - len(missed)} targets met, {len(missed)} missed, "
+        f"{sum(1 for r in runs if r.get('error'))} run(s) failed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The benchmark script, end to end with tiny settings, so it cannot rot (benchmarks/ is never collected)."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_script_writes_results_and_keeps_the_rest_of_results_md(tiny_run, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run("cnn"), runs / "cnn-default")          # reused: the script only measures it
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nNotes written by hand stay.\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run_benchmarks.py"), "--models", "cnn", "--sizes", "default",
+           "--out", str(runs), "--results", str(tmp_path / "results.json"), "--markdown", str(md),
+           "--batch", "1,64", "--threads", "1", "--runs", "2", "--warmup", "0", "--block", "2", "--no-memory"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    (run,) = results["runs"]
+    assert run["model"] == "cnn" and set(run["variants"]) == {"torch", "onnx"}
+    assert results["machine"]["cpu"] and "onnxruntime" in results["versions"]
+    assert len(run["targets"]) == 3 and sum("peak" in t["target"] for t in run["targets"]) == 1
+    for t in run["targets"]:
+        assert t["value"] is None or t["value"] > 0
+    text = md.read_text()
+    assert text.startswith("# Results\n\nNotes written by hand stay.") and text.count("onnxpipe-benchmarks:begin") == 1
+    assert "| cnn | default | onnx" in text and "run_benchmarks.py --models cnn" in text
+    assert (runs / "cnn-default" / "report.html").is_file()
+
+    script = load_script()
+    script.write_markdown(md, script.markdown(results))  # a second write replaces the section, never appends
+    again = md.read_text()
+    assert again.count("onnxpipe-benchmarks:begin") == 1 and again.startswith("# Results\n\nNotes written by hand stay.")
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_benchmarks", ROOT / "benchmarks" / "run_benchmarks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
