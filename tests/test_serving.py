@@ -274,6 +274,7 @@ def test_metrics_and_access_log(server, caplog):
     assert re.search(r'^onnxpipe_requests_total\{route="infer",code="200"\} \d+$', text, re.M)
     assert re.search(r'^onnxpipe_batch_size_bucket\{le="\+Inf"\} [1-9]\d*$', text, re.M)
     assert re.search(r"^onnxpipe_queue_depth 0$", text, re.M)
+    assert re.search(r"^onnxpipe_requests_in_flight 1$", text, re.M)  # this /metrics request itself
     assert re.search(r'^onnxpipe_request_duration_seconds_count\{route="infer"\} [1-9]', text, re.M)
 
 
@@ -391,7 +392,12 @@ def test_cli_serve_exits_cleanly_on_sigterm_after_finishing_in_flight_work(tiny_
             t = threading.Thread(target=lambda: result.update(r=client.post("/v2/models/cnn/infer", content=body,
                                                                               headers=headers)))
             t.start()
-            time.sleep(0.05)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # until the big request is being handled (this poll is the other)
+                m = re.search(r"^onnxpipe_requests_in_flight (\S+)$", httpx.get(url + "/metrics").text, re.M)
+                if float(m.group(1)) >= 2:
+                    break
+                time.sleep(0.005)
             signalled = time.time()
             proc.send_signal(signal.SIGTERM)
             t.join(60)

@@ -108,9 +108,11 @@ class Observe:
                 seen["out"] += len(message.get("body", b""))
             await send(message)
 
+        self.metrics.in_flight.add(1)
         try:
             await self.app(scope, receive, send_observed)
         finally:
+            self.metrics.in_flight.add(-1)
             seconds = time.perf_counter() - t0
             route = _route_of(scope["path"])
             self.metrics.requests.inc(route, seen["status"])

@@ -64,6 +64,10 @@ class Gauge(_Metric):
     def set(self, v: float) -> None:
         self.value = float(v)  # one attribute store: atomic under the GIL
 
+    def add(self, v: float) -> None:
+        with self._lock:
+            self.value += v
+
     def render(self) -> list[str]:
         return self.header() + [f"{self.name} {_num(self.value)}"]
 
@@ -113,10 +117,12 @@ class ServerMetrics:
         self.inference_seconds = Histogram("onnxpipe_inference_duration_seconds",
                                            "Time of one ONNX Runtime call.", (), lock, LATENCY_BUCKETS)
         self.queue_depth = Gauge("onnxpipe_queue_depth", "Requests waiting for the batcher.", (), lock)
+        self.in_flight = Gauge("onnxpipe_requests_in_flight", "HTTP requests being handled now.", (), lock)
         self.ready = Gauge("onnxpipe_model_ready", "1 once the model passed its sha256 check and self-test.", (), lock)
 
     def render(self) -> str:
         lines: list[str] = []
-        for m in (self.requests, self.latency, self.batch_rows, self.inference_seconds, self.queue_depth, self.ready):
+        for m in (self.requests, self.latency, self.batch_rows, self.inference_seconds, self.queue_depth,
+                  self.in_flight, self.ready):
             lines += m.render()
         return "\n".join(lines) + "\n"
