@@ -55,6 +55,9 @@ class ModelSpec:
     train_defaults: dict[str, Any] = field(default_factory=dict)
     opset: int = 18
     description: str = ""
+    # Where a model from outside the registry comes from (a user factory, an imported ONNX graph);
+    # recorded in the manifest as "model_source" so later stages rebuild the same spec. None: built-in.
+    source: dict | None = None
 
     def make_config(self, overrides: dict[str, Any] | None = None, size: str | None = None):
         """Default config, then the size preset, then explicit overrides."""
@@ -86,6 +89,14 @@ class ModelSpec:
 
     def adapt_to_data(self, cfg, sample_shape: tuple[int, ...]):
         """Set the config's data-dependent fields (image size, sequence length, features) from the data."""
+        if not self.data_fields:  # fixed inputs (a user's model): the data must fit them, dynamic axes aside
+            want = self.inputs[0]
+            fits = len(sample_shape) == len(want.shape) and all(
+                got == size or axis + 1 in want.dynamic for axis, (got, size) in enumerate(zip(sample_shape, want.shape)))
+            if not fits:
+                raise ValueError(f"model {self.name!r} takes samples shaped {tuple(want.shape)}, "
+                                 f"the data has shape {tuple(sample_shape)}")
+            return cfg
         if len(sample_shape) != len(self.data_fields):
             expected = " x ".join(self.data_fields)
             raise ValueError(

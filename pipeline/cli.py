@@ -89,13 +89,16 @@ def read_config_file(path: Path | None) -> dict:
 
 
 def resolve_models(names: str) -> list[str]:
-    from models import get_model, list_models
+    """'all', or comma-separated registered names and user factories (pkg.module:build, file.py:build)."""
+    from models import list_models
+
+    from .byo import resolve_model
 
     if names == "all":
         return list_models()
     out = [n.strip() for n in names.split(",") if n.strip()]
     for n in out:
-        get_model(n)
+        resolve_model(n)  # fails early, with the reason, before any run folder is made
     return out
 
 
@@ -151,7 +154,8 @@ def models_cmd() -> None:
 @app.command("run")
 @user_errors
 def run_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="Comma-separated model names, or 'all'.")] = "all",
+    model: Annotated[str, typer.Option("--model", "-m", help="Comma-separated model names, or 'all', or your own "
+                                       "factory: my_pkg.my_module:build or path/to/file.py:build.")] = "all",
     data: DataOpt = "digits",
     out: Annotated[Path, typer.Option("--out", help="Folder for the run folders (one per model).")] = Path("exports"),
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default: the model's tuned setting).", min=1)] = None,
@@ -162,11 +166,16 @@ def run_cmd(
     limit: LimitOpt = None,
     stages: Annotated[Optional[str], typer.Option("--stages", help="Comma-separated subset of stages to run, in pipeline order.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing run folders.")] = False,
+    no_train: Annotated[bool, typer.Option("--no-train", help="Skip training: export the model as its factory "
+                                           "builds it (or with --weights).")] = False,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="A state_dict file (torch.save) to use "
+                                                    "instead of training; implies --no-train.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Run the whole pipeline (train -> export -> verify -> ...) for each model; end with a table."""
     import time
 
+    from .byo import model_folder
     from .orchestrate import Context, run_model
 
     file_cfg = read_config_file(config)
@@ -181,8 +190,9 @@ def run_cmd(
     runs = []
     for name in names:
         ctx = Context(data=data, seed=seed, limit=limit, progress=not quiet, train_overrides=train_overrides,
-                      stage_options={k: v for k, v in file_cfg.items() if k not in ("model", "train")})
-        run = run_model(name, out / name, ctx, overrides=overrides, size=size, force=force,
+                      stage_options={k: v for k, v in file_cfg.items() if k not in ("model", "train")},
+                      train=not no_train, weights=weights)
+        run = run_model(name, out / model_folder(name), ctx, overrides=overrides, size=size, force=force,
                         stages=stages.split(",") if stages else None,
                         on_stage=None if quiet else lambda m, s: typer.echo(f"[{m}] {s}", err=True))
         runs.append(run)
@@ -197,7 +207,8 @@ def run_cmd(
 @app.command("train")
 @user_errors
 def train_cmd(
-    model: Annotated[str, typer.Argument(help="Registered model name (see `onnxpipe models`).")],
+    model: Annotated[str, typer.Argument(help="Registered model name (see `onnxpipe models`), or your own factory: "
+                                         "my_pkg.my_module:build or path/to/file.py:build.")],
     data: DataOpt = "digits",
     run_dir: Annotated[Optional[Path], typer.Option("--run", help="Run folder (default exports/MODEL).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Maximum epochs (early stop on validation plateau).")] = None,
@@ -211,24 +222,49 @@ def train_cmd(
     limit: LimitOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes on this machine (DDP; "
+                                       "--batch-size stays the global batch). Under torchrun leave it at 1.")] = 1,
+    train_device: Annotated[str, typer.Option("--device", help="Training device: cpu (gloo) or cuda (nccl, one GPU per process).")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Train MODEL and write variant `torch` (model.pt) into its run folder."""
+    from .byo import model_folder
+    from .distributed import Job, check_device, launched_by_torchrun, single_world, spawn_training, torchrun_training
+    from .errors import ConfigError
     from .orchestrate import prepare_run
+    from .runfolder import Run
     from .train import train, train_config_for
 
     file_cfg = read_config_file(config)
-    root = run_dir or Path("exports") / model
-    run, ds = prepare_run(model, root, data=data, overrides={**file_cfg.get("model", {}), **parse_sets(set_)},
-                          size=size, seed=seed, limit=limit, force=force, resume=resume)
-    from .errors import ConfigError
+    root = run_dir or Path("exports") / model_folder(model)
 
-    try:
-        cfg = train_config_for(run.spec, **{**file_cfg.get("train", {}), "epochs": epochs, "lr": lr,
-                                            "batch_size": batch_size, "patience": patience, "seed": seed})
-    except TypeError as e:
-        raise ConfigError(f"bad [train] setting: {e}") from None
-    train(run, cfg, ds, resume=resume, progress=not quiet)
+    def prepare():
+        return prepare_run(model, root, data=data, overrides={**file_cfg.get("model", {}), **parse_sets(set_)},
+                           size=size, seed=seed, limit=limit, force=force, resume=resume)
+
+    def config_for(run):
+        try:
+            return train_config_for(run.spec, **{**file_cfg.get("train", {}), "epochs": epochs, "lr": lr,
+                                                 "batch_size": batch_size, "patience": patience, "seed": seed})
+        except TypeError as e:
+            raise ConfigError(f"bad [train] setting: {e}") from None
+
+    if launched_by_torchrun():
+        if nproc > 1:
+            raise ConfigError("--nproc starts its own processes; under torchrun use --nproc-per-node instead")
+        run = torchrun_training(lambda: prepare()[0], config_for, device=train_device, resume=resume,
+                                progress=not quiet)
+        if run is None:
+            return  # not rank 0: rank 0 reports
+    elif nproc > 1:
+        check_device(train_device, nproc)
+        run, ds = prepare()
+        spawn_training(Job(str(run.root), config_for(run), resume, train_device, not quiet, ds), nproc)
+        run = Run.open(run.root)
+    else:
+        check_device(train_device, 1)
+        run, ds = prepare()
+        train(run, config_for(run), ds, resume=resume, progress=not quiet, world=single_world(train_device))
     t = run.manifest["training"]
     typer.echo(f"{model}: test accuracy {run.metrics('torch')['accuracy']:.4f} after {t['epochs_run']} epochs "
                f"(best validation {t['best_val_accuracy']:.4f} at epoch {t['best_epoch']}, {t['seconds']} s) -> {run.path('torch')}")
@@ -381,6 +417,36 @@ def select_cmd(
     print_table(rows, ["variant", *[f"b{b} ms" for b in sizes], "bytes", "selected", "note"],
                 title=f"select: {run.root} (p50 latency, objective {objective})")
     typer.echo(f"selected: {sel.selected}")
+
+
+@app.command("import")
+@user_errors
+def import_cmd(
+    model_file: Annotated[Path, typer.Argument(help="An ONNX model from any framework (external-data files beside it are read).")],
+    data: Annotated[Optional[str], typer.Option("--data", help="Data for accuracy, calibration and parity budgets: digits, "
+                                                "mnist:DIR or npz:FILE (scaled and standardized as for onnxpipe's own models).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run", help="Run folder (default exports/<file stem>).")] = None,
+    seed: SeedOpt = 0,
+    limit: LimitOpt = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help="Pipeline stages to run after the import, e.g. "
+                                                  "verify (comma-separated; train and export do not apply).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Make a run folder around an ONNX model (variant `onnx` is the root), ready for optimize, quantize, verify, serve."""
+    from .importer import import_onnx
+    from .orchestrate import Context, run_stages
+
+    root = run_dir or Path("exports") / model_file.stem
+    run = import_onnx(model_file, root, data=data, seed=seed, limit=limit, force=force)
+    acc = run.metrics("onnx").get("accuracy")
+    typer.echo(f"imported {model_file} -> {run.path('onnx')} (opset {run.artifact('onnx').opset}"
+               + (f", test accuracy {acc:.4f}" if acc is not None else ", no data: pass --data for accuracy") + ")")
+    if stages:
+        names = [s.strip() for s in stages.split(",") if s.strip()]
+        run_stages(run, Context(data=data or "digits", seed=seed, limit=limit, progress=not quiet), names,
+                   on_stage=None if quiet else lambda m, s: typer.echo(f"[{m}] {s}", err=True))
+        _summary(run)
 
 
 @app.command("show")

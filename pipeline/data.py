@@ -202,10 +202,15 @@ def load_dataset(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     limit: int | None = None,
+    layout: str = "nchw",
 ) -> Dataset:
-    """Load `source`, shape it for `family`, split it (seeded, stratified) and normalize it."""
+    """Load `source`, shape it for `family`, split it (seeded, stratified) and normalize it.
+
+    `layout="nhwc"` gives images as (N, S, S, 1), for models from channels-last frameworks (Keras, TF)."""
     if family not in ("image", "sequence"):
         raise DataError(f"unknown model family {family!r}")
+    if layout not in ("nchw", "nhwc") or (layout == "nhwc" and family != "image"):
+        raise DataError(f"layout must be nchw or nhwc (images only), got {layout!r} for {family} data")
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise DataError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0,1) and sum < 1")
     kind, _, arg = source.partition(":")
@@ -247,6 +252,8 @@ def load_dataset(
     shaped = [_shape_for(a, family, image_size, source) / scale for a in (x_tr, x_va, x_test)]
     mean, std = float(shaped[0].mean()), float(shaped[0].std()) or 1.0
     x_tr, x_va, x_test = ((a - mean) / std for a in shaped)
+    if layout == "nhwc":
+        x_tr, x_va, x_test = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (x_tr, x_va, x_test))
     info = {
         "source": source,
         "family": family,
@@ -261,6 +268,7 @@ def load_dataset(
                   "train_sha": _fingerprint(train_idx), "val_sha": _fingerprint(val_idx)},
         "normalization": {"scale": 1.0 / scale, "mean": mean, "std": std},
         "sample_shape": list(x_tr.shape[1:]),
+        "layout": layout,
     }
     return Dataset(x_tr.astype(np.float32), y_tr, x_va.astype(np.float32), y_va,
                    x_test.astype(np.float32), y_test, info)
@@ -268,10 +276,13 @@ def load_dataset(
 
 def reload_dataset(info: dict) -> Dataset:
     """Load the same data a run was made with; an error if the source changed since."""
+    if not info:
+        raise DataError("this run has no data: it was imported without --data; import it again with "
+                        "--data digits, mnist:DIR or npz:FILE")
     ds = load_dataset(
         info["source"], info["family"], image_size=info.get("image_size") or 28,
         num_classes=info["num_classes"], seed=info["seed"], val_fraction=info["val_fraction"],
-        test_fraction=info["test_fraction"], limit=info.get("limit"),
+        test_fraction=info["test_fraction"], limit=info.get("limit"), layout=info.get("layout", "nchw"),
     )
     if ds.info["fingerprint"] != info["fingerprint"]:
         raise DataError(

@@ -64,14 +64,14 @@ def export_module(module, spec, model_cfg, path: Path, opset: int) -> int:
     example = spec.example_inputs(model_cfg, batch=2)  # batch 2: sizes 0/1 would be specialized
     max_len = getattr(model_cfg, "max_len", 4096)
     dims = {}
-    dynamic_shapes = {}
+    dynamic_shapes = []  # positional, like `example`: a user model's forward() may name its arguments otherwise
     for s in spec.input_specs(model_cfg):
         axes = {}
         for ax, name in s.dynamic.items():
             if name not in dims:
                 dims[name] = Dim(name, min=1, max=max_len if ax == 1 else 1 << 20)
             axes[ax] = dims[name]
-        dynamic_shapes[s.name] = axes
+        dynamic_shapes.append(axes)
     _reset_exporter_state()
     with atomic_path(path) as tmp:
         try:
@@ -79,7 +79,7 @@ def export_module(module, spec, model_cfg, path: Path, opset: int) -> int:
                 program = torch.onnx.export(
                     module, example, None, dynamo=True, opset_version=opset,
                     input_names=[s.name for s in spec.inputs], output_names=list(spec.output_names),
-                    dynamic_shapes=dynamic_shapes, verbose=False,
+                    dynamic_shapes=tuple(dynamic_shapes), verbose=False,
                 )
                 program.save(str(tmp), external_data=False)
         except Exception as e:  # the exporter raises many internal types; report them as one
@@ -162,10 +162,10 @@ def export(run: Run, cfg: ExportConfig, *, test_inputs: np.ndarray | None = None
     return art
 
 
-def write_reference(run: Run, torch_fn, inputs: np.ndarray) -> None:
-    """A few real inputs and the torch outputs for them: the serving self-test replays these."""
+def write_reference(run: Run, torch_fn, inputs: np.ndarray, variant: str = "torch") -> None:
+    """A few real inputs and the root variant's outputs for them: the serving self-test replays these."""
     path = run.root / REFERENCE_FILE
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, inputs=inputs, outputs=torch_fn(inputs))
-    run.manifest["reference"] = {"path": REFERENCE_FILE, "sha256": sha256_file(path), "variant": "torch"}
+    run.manifest["reference"] = {"path": REFERENCE_FILE, "sha256": sha256_file(path), "variant": variant}

@@ -22,6 +22,8 @@ class Context:
     seed: int = 0
     limit: int | None = None
     progress: bool = True
+    train: bool = True                 # False: no training; variant torch from `weights` or the model's own init
+    weights: Path | None = None        # a state_dict file for variant torch (implies train=False)
     train_overrides: dict[str, Any] = field(default_factory=dict)
     stage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     dataset: Dataset | None = None
@@ -38,15 +40,16 @@ class Context:
 
 def prepare_run(model: str, root: Path, *, data: str = "digits", overrides: dict | None = None, size: str | None = None,
                 seed: int = 0, limit: int | None = None, force: bool = False, resume: bool = False) -> tuple[Run, Dataset]:
-    """Open (resume) or create the run folder for `model`, with the data loaded and the config adapted to it."""
-    from models import get_model
+    """Open (resume) or create the run folder for `model` (a registered name or a user factory
+    "pkg.module:build" / "file.py:build"), with the data loaded and the config adapted to it."""
+    from .byo import resolve_model
 
+    spec = resolve_model(model)
     if resume:
         run = Run.open(root)
-        if run.model_name != model:
+        if run.model_name != spec.name:
             raise RunFolderError(f"{root} holds a {run.model_name!r} run, not {model!r}")
         return run, reload_dataset(run.manifest["dataset"])
-    spec = get_model(model)
     try:
         cfg = spec.make_config(overrides, size)
     except (ValueError, TypeError) as e:
@@ -57,8 +60,10 @@ def prepare_run(model: str, root: Path, *, data: str = "digits", overrides: dict
         cfg = spec.adapt_to_data(cfg, ds.sample_shape)
     except ValueError as e:
         raise DataError(str(e)) from None
-    run = Run.create(root, model, asdict(cfg), ds.info, force=force)
+    run = Run.create(root, spec.name, asdict(cfg), ds.info, force=force)
     run.manifest["size"] = size or "default"
+    if spec.source:
+        run.manifest["model_source"] = spec.source
     run.save()
     return run, ds
 
@@ -67,6 +72,12 @@ def prepare_run(model: str, root: Path, *, data: str = "digits", overrides: dict
 
 def stage_train(run: Run, ctx: Context) -> None:
     from .train import train, train_config_for
+
+    if not ctx.train or ctx.weights is not None:
+        from .byo import adopt_weights
+
+        adopt_weights(run, ctx.weights, ctx.data_for(run), seed=ctx.seed)
+        return
 
     cfg = train_config_for(run.spec, seed=ctx.seed, **ctx.train_overrides)
     train(run, cfg, ctx.data_for(run), progress=ctx.progress)
@@ -159,6 +170,12 @@ def run_model(model: str, root: Path, ctx: Context, *, overrides: dict | None = 
     run, ds = prepare_run(model, root, data=ctx.data, overrides=overrides, size=size, seed=ctx.seed,
                           limit=ctx.limit, force=force)
     ctx.dataset = ds
+    return run_stages(run, ctx, stages, on_stage=on_stage)
+
+
+def run_stages(run: Run, ctx: Context, stages: list[str] | None = None,
+               on_stage: Callable[[str, str], None] | None = None) -> Run:
+    """Run the STAGES named in `stages` (all when empty), in pipeline order, on an existing run folder."""
     names = [n for n, _ in STAGES]
     unknown = set(stages or []) - set(names)
     if unknown:
@@ -167,7 +184,7 @@ def run_model(model: str, root: Path, ctx: Context, *, overrides: dict | None = 
         if stages and name not in stages:
             continue
         if on_stage:
-            on_stage(model, name)
+            on_stage(run.model_name, name)
         t0 = time.monotonic()
         fn(run, ctx)
         ctx.timings[name] = round(time.monotonic() - t0, 2)

@@ -123,9 +123,21 @@ class Run:
 
     @property
     def spec(self):
+        """The run's ModelSpec: a registered model, a user factory, or an imported ONNX graph ("model_source")."""
         from models import get_model
 
-        return get_model(self.model_name)
+        source = self.manifest.get("model_source")
+        if source is None:
+            return get_model(self.model_name)
+        if source.get("kind") == "factory":
+            from .byo import spec_from_source
+
+            return spec_from_source(source)
+        if source.get("kind") == "onnx":
+            from .importer import imported_spec
+
+            return imported_spec(self.model_name, source)
+        raise RunFolderError(f"{self.root / MANIFEST}: unknown model_source kind {source.get('kind')!r}")
 
     def model_config(self):
         from models import replace_config

@@ -15,7 +15,8 @@ from torch.nn import functional as F
 
 from .atomic import atomic_path
 from .data import Dataset
-from .errors import ConfigError, RunFolderError
+from .distributed import SINGLE_PROCESS, World, load_checkpoint
+from .errors import ConfigError
 from .runfolder import Artifact, Run
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -62,10 +63,11 @@ def set_determinism(seed: int, threads: int | None = None) -> None:
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 256) -> tuple[float, np.ndarray]:
     """Accuracy and logits of a torch model on arrays."""
     model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
     outs = []
     with torch.inference_mode():
         for i in range(0, len(x), batch):
-            outs.append(model(torch.from_numpy(x[i:i + batch])).numpy())
+            outs.append(model(torch.from_numpy(x[i:i + batch]).to(device)).cpu().numpy())
     logits = np.concatenate(outs) if outs else np.zeros((0,))
     return float((logits.argmax(1) == y).mean()), logits
 
@@ -84,29 +86,43 @@ def _shift(batch: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Ten
     return F.grid_sample(batch - bg, grid, align_corners=False, padding_mode="zeros") + bg
 
 
+def evaluate_sharded(model: nn.Module, x: np.ndarray, y: np.ndarray, world: World) -> float:
+    """Accuracy over all of (x, y), each rank scoring its share; the same number on every rank."""
+    if not world.distributed:
+        return evaluate(model, x, y)[0]
+    mine = world.share(len(x))
+    acc, _ = evaluate(model, x[mine], y[mine])
+    correct, count = world.sum(round(acc * len(y[mine])), len(y[mine]))
+    return correct / max(count, 1)
+
+
 def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, *, checkpoint: Path | None = None,
-        resume: bool = False, loss_fn=None, desc: str = "train", progress: bool = True) -> dict:
+        resume: bool = False, loss_fn=None, desc: str = "train", progress: bool = True,
+        world: World = SINGLE_PROCESS) -> dict:
     """Train `model` in place and leave it holding the best-validation weights. Returns the history.
 
-    `loss_fn(logits, y, x_batch)` replaces cross-entropy (distillation uses it)."""
+    `loss_fn(logits, y, x_batch)` replaces cross-entropy (distillation uses it). With a distributed
+    `world`, each rank trains on its share of every global batch of `cfg.batch_size` rows and only
+    rank 0 writes the checkpoint (see pipeline/distributed.py)."""
     from tqdm.auto import tqdm
 
     set_determinism(cfg.seed, cfg.threads)
+    net = world.wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(ds.x_train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                 pct_start=0.2)
     state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "history": []}
     best_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    resumed_from = None
     if resume:
-        if checkpoint is None or not checkpoint.is_file():
-            raise RunFolderError(f"nothing to resume: no checkpoint at {checkpoint}")
-        ck = torch.load(checkpoint, weights_only=True)
+        ck = load_checkpoint(world, checkpoint)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        best_weights = ck["best_weights"]
+        best_weights = {k: v.to(world.device) for k, v in ck["best_weights"].items()}
         state = {k: ck[k] for k in ("epoch", "best_val", "best_epoch", "history")}
+        resumed_from = state["epoch"]
     x_train, y_train = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
     loss_fn = loss_fn or (lambda logits, y, xb: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
     bar = tqdm(total=cfg.epochs, initial=state["epoch"], desc=desc, unit="epoch", file=sys.stderr,
@@ -124,14 +140,21 @@ def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, *, checkpoint: Path | N
             idx = perm[i:i + cfg.batch_size]
             xb, yb = x_train[idx], y_train[idx]
             if cfg.augment_shift and xb.ndim == 4:
-                xb = _shift(xb, cfg.augment_shift, g)
-            loss = loss_fn(model(xb), yb, xb)
+                xb = _shift(xb, cfg.augment_shift, g)  # the whole global batch: g stays in step on every rank
+            mine = world.share(len(idx))
+            n_local = len(yb[mine])
+            # A rank left without rows (last batch shorter than the world) still joins DDP's
+            # all-reduce: it runs one row with weight 0.
+            xb, yb = (xb[mine], yb[mine]) if n_local else (xb[:1], yb[:1])
+            xb, yb = xb.to(world.device), yb.to(world.device)
+            loss = loss_fn(net(xb), yb, xb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * world.loss_scale(n_local, len(idx)) if world.distributed else loss).backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(idx)
-        val_acc, _ = evaluate(model, ds.x_val, ds.y_val)
+            total += float(loss.detach()) * n_local
+        (total,) = world.sum(total)
+        val_acc = evaluate_sharded(model, ds.x_val, ds.y_val, world)
         train_loss = total / len(perm)
         state["history"].append({"epoch": epoch + 1, "loss": round(train_loss, 5), "val_accuracy": round(val_acc, 5)})
         if val_acc > state["best_val"]:
@@ -140,7 +163,7 @@ def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, *, checkpoint: Path | N
         state["epoch"] = epoch + 1
         bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.3f}")
         bar.update(1)
-        if checkpoint is not None:
+        if checkpoint is not None and world.is_writer:
             with atomic_path(checkpoint) as tmp:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "best_weights": best_weights, **state}, tmp)
@@ -148,10 +171,12 @@ def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, *, checkpoint: Path | N
     model.load_state_dict(best_weights)
     state["seconds"] = round(time.monotonic() - t0, 2)
     state["stopped_early"] = state["epoch"] < cfg.epochs
+    state["resumed_from_epoch"] = resumed_from
     return state
 
 
 def save_weights(path: Path, model_name: str, cfg, state_dict: dict) -> None:
+    state_dict = {k: v.detach().cpu() for k, v in state_dict.items()}  # loads on machines without the training device
     with atomic_path(path) as tmp:
         torch.save({"model": model_name, "config": asdict(cfg), "state_dict": state_dict}, tmp)
 
@@ -162,20 +187,26 @@ def load_torch_model(run: Run, variant: str = "torch") -> nn.Module:
 
     path = run.path(variant)
     ck = torch.load(path, weights_only=True)
-    spec = get_model(ck["model"])
+    # The run's own model may be a user factory or an imported graph: the run folder knows how to rebuild it.
+    spec = run.spec if ck["model"] == run.model_name else get_model(ck["model"])
     model = spec.build(replace_config(spec.config_cls(), ck["config"]))
     model.load_state_dict(ck["state_dict"])
     return model.eval()
 
 
-def train(run: Run, cfg: TrainConfig, ds: Dataset, *, resume: bool = False, progress: bool = True) -> Artifact:
-    """Train the run's model on `ds` and record variant `torch` with its test accuracy."""
+def train(run: Run, cfg: TrainConfig, ds: Dataset, *, resume: bool = False, progress: bool = True,
+          world: World = SINGLE_PROCESS) -> Artifact | None:
+    """Train the run's model on `ds` and record variant `torch` with its test accuracy.
+
+    With a distributed `world` every rank trains; rank 0 records and returns the artifact, the others None."""
     spec = run.spec
     model_cfg = run.model_config()
     set_determinism(cfg.seed, cfg.threads)  # seeds the initialization too
-    model = spec.build(model_cfg)
+    model = spec.build(model_cfg).to(world.device)
     history = fit(model, ds, cfg, checkpoint=run.root / CHECKPOINT, resume=resume,
-                  desc=f"train {run.model_name}", progress=progress)
+                  desc=f"train {run.model_name}", progress=progress, world=world)
+    if not world.is_writer:
+        return None
     test_acc, _ = evaluate(model, ds.x_test, ds.y_test)
     save_weights(run.root / WEIGHTS, spec.name, model_cfg, model.state_dict())
     params = sum(p.numel() for p in model.parameters())
@@ -185,6 +216,7 @@ def train(run: Run, cfg: TrainConfig, ds: Dataset, *, resume: bool = False, prog
         "epochs_run": history["epoch"], "best_epoch": history["best_epoch"] + 1,
         "best_val_accuracy": history["best_val"], "stopped_early": history["stopped_early"],
         "seconds": history["seconds"], "history": history["history"],
+        "processes": world.size, "device": str(world.device), "resumed_from_epoch": history["resumed_from_epoch"],
     }
     run.set_metrics("torch", accuracy=test_acc, params=params)
     return art

@@ -1,0 +1,368 @@
+"""Bring your own PyTorch model: a factory "my_pkg.my_module:build" or "path/to/file.py:build"
+becomes a ModelSpec, so train, export, compression, verify, bench and serve take it unchanged.
+
+What a user writes (the shortest working example):
+
+    # mynet.py
+    import torch
+    from torch import nn
+
+    def build(hidden: int = 32, num_classes: int = 10) -> nn.Module:
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        model.example_inputs = {"image": torch.zeros(2, 1, 8, 8)}   # ONNX input name -> an example batch
+        return model                                                # batch axis 0 is dynamic by default
+
+    $ onnxpipe run --model mynet.py:build
+
+- The config is a frozen dataclass made from build()'s keyword defaults (`--set hidden=64`).
+- `model.dynamic_axes = {"tokens": {0: "batch", 1: "seq_len"}}` declares a dynamic sequence axis;
+  `model.output_names = ("logits",)` names the outputs. The file may instead hold EXAMPLE_INPUTS,
+  DYNAMIC_AXES and OUTPUT_NAMES beside the factory (for a factory that returns a stock module).
+- The first output must be (batch, classes) scores: onnxpipe's data and parity budgets are for classifiers.
+- The manifest records where the factory lives (module or file, and the file's sha256) so that later
+  stages rebuild the same model; a factory file that changed since the run was made is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .atomic import sha256_file
+from .errors import ArtifactError, ConfigError
+
+SCALARS = (bool, int, float, str, type(None))
+ALLOWED_DTYPES = {"torch.float32": "float32", "torch.int64": "int64"}
+_SPECS: dict[tuple, Any] = {}  # (file or module, factory, sha256) -> ModelSpec: Run.spec asks often
+
+
+def is_factory_ref(name: str) -> bool:
+    """Registered names never contain ':'; factories are 'module:function' or 'file.py:function'."""
+    return ":" in name
+
+
+def resolve_model(name: str):
+    """A registered model by name, or a user factory by reference."""
+    from models import UnknownModelError, get_model
+
+    if is_factory_ref(name):
+        return factory_spec(name)
+    try:
+        return get_model(name)
+    except UnknownModelError as e:
+        raise ConfigError(f"{e}; or bring your own model as my_pkg.my_module:build or path/to/file.py:build") from None
+
+
+def model_folder(name: str) -> str:
+    """The run-folder name for a model name or factory reference (exports/<this>)."""
+    return resolve_model(name).name
+
+
+# --- finding the factory --------------------------------------------------------------------------------
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    where, _, attr = ref.rpartition(":")
+    if not where or not attr:
+        raise ConfigError(f"bad model factory {ref!r}: expected my_pkg.my_module:build or path/to/file.py:build")
+    return where, attr
+
+
+def _load_file_module(path: Path, digest: str):
+    """Import a .py file under a name tied to its content, so an edited file is imported afresh."""
+    name = f"onnxpipe_user_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)}_{digest[:12]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's code can raise anything; report it as a config problem
+        del sys.modules[name]
+        raise ConfigError(f"importing {path} failed: {type(e).__name__}: {e}") from e
+    return module
+
+
+def load_factory(ref: str) -> tuple[Callable, Any, dict]:
+    """(factory, its Python module, source record for the manifest)."""
+    where, attr = _split_ref(ref)
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"model factory file {where} does not exist (from {ref!r})")
+        digest = sha256_file(path)
+        module = _load_file_module(path, digest)
+        source = {"kind": "factory", "ref": ref, "module": None, "file": str(path), "sha256": digest}
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as e:
+            if e.name and where.startswith(e.name):
+                raise ConfigError(f"cannot import module {where!r} (from {ref!r}): install the package or add its "
+                                  f"folder to PYTHONPATH; for a single file use path/to/file.py:{attr}") from None
+            raise ConfigError(f"importing {where} failed: {e}") from e
+        file = getattr(module, "__file__", None)
+        source = {"kind": "factory", "ref": ref, "module": where, "file": file,
+                  "sha256": sha256_file(file) if file else None}
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            have = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            raise ConfigError(f"{where} has no factory {attr!r}; its callables: {', '.join(have) or 'none'}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ConfigError(f"{ref}: {attr!r} is a {type(factory).__name__}, not a function that builds a model")
+    return factory, module, source
+
+
+# --- the config, from the factory's keyword defaults -----------------------------------------------------
+
+def config_class(factory: Callable, ref: str, name: str) -> type:
+    """A frozen dataclass with one field per keyword of the factory, defaults included."""
+    fields = []
+    for p in inspect.signature(factory).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is p.empty:
+            raise ConfigError(f"{ref}: parameter {p.name!r} has no default; give every parameter of the factory a "
+                              "default (the run's config is made from them and changed with --set)")
+        value = p.default
+        if isinstance(value, (list, tuple)) and all(isinstance(v, SCALARS) for v in value):
+            value = tuple(value)
+        elif not isinstance(value, SCALARS):
+            raise ConfigError(f"{ref}: parameter {p.name!r} defaults to a {type(value).__name__}; defaults must be "
+                              "numbers, strings, booleans, None or tuples of them (they go into manifest.json)")
+        fields.append((p.name, type(value) if value is not None else Any, dataclasses.field(default=value)))
+    cls_name = "".join(w.capitalize() for w in re.split(r"[^0-9A-Za-z]", name) if w) + "Config"
+    return dataclasses.make_dataclass(cls_name, fields, frozen=True)
+
+
+# --- what the model declares about its inputs ------------------------------------------------------------
+
+def _declared(model, module, attr: str):
+    value = getattr(model, attr, None)
+    return value if value is not None else getattr(module, attr.upper(), None)
+
+
+def _example_inputs(model, module, ref: str) -> dict:
+    import torch
+
+    ex = _declared(model, module, "example_inputs")
+    if ex is None:
+        raise ConfigError(
+            f"{ref} declares no example input: in the factory set model.example_inputs = "
+            "{'image': torch.zeros(2, 1, 28, 28)} (input name -> an example batch), or define EXAMPLE_INPUTS beside it")
+    if isinstance(ex, torch.Tensor):
+        ex = {"input": ex}
+    elif isinstance(ex, (tuple, list)):
+        ex = {f"input_{i}": t for i, t in enumerate(ex)}
+    if not isinstance(ex, dict) or not ex:
+        raise ConfigError(f"{ref}: example_inputs must be a tensor, a tuple of tensors or a dict name -> tensor")
+    for name, t in ex.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{ref}: input name {name!r} must be an identifier (it becomes the ONNX input name)")
+        if not isinstance(t, torch.Tensor):
+            raise ConfigError(f"{ref}: example input {name!r} is a {type(t).__name__}, not a torch.Tensor")
+        if str(t.dtype) not in ALLOWED_DTYPES:
+            raise ConfigError(f"{ref}: example input {name!r} has dtype {t.dtype}; use torch.float32 or torch.int64")
+        if t.ndim < 2:
+            raise ConfigError(f"{ref}: example input {name!r} has shape {list(t.shape)}; it needs a batch axis "
+                              "and at least one sample axis, e.g. (2, 1, 28, 28)")
+    return ex
+
+
+def _dynamic_axes(model, module, example: dict, ref: str) -> dict[str, dict[int, str]]:
+    declared = _declared(model, module, "dynamic_axes") or {}
+    if not isinstance(declared, dict):
+        raise ConfigError(f"{ref}: dynamic_axes must be a dict, e.g. {{'image': {{0: 'batch'}}}}")
+    unknown = sorted(set(declared) - set(example))
+    if unknown:
+        raise ConfigError(f"{ref}: dynamic_axes names input(s) {', '.join(map(repr, unknown))} that the example "
+                          f"inputs do not have ({', '.join(example)})")
+    out = {}
+    for name, t in example.items():
+        axes = declared.get(name, {0: "batch"})
+        if isinstance(axes, (list, tuple)):  # ONNX-style list of axis indices
+            axes = {a: "batch" if a == 0 else f"{name}_dim{a}" for a in axes}
+        axes = {int(a): str(n) for a, n in axes.items()}
+        for a, n in axes.items():
+            if not 0 <= a < t.ndim:
+                raise ConfigError(f"{ref}: dynamic axis {a} ({n}) of input {name!r} does not exist: the example "
+                                  f"input has shape {list(t.shape)} (axes 0..{t.ndim - 1})")
+            if not n.isidentifier():
+                raise ConfigError(f"{ref}: dynamic axis name {n!r} of input {name!r} must be an identifier")
+        if 0 not in axes:
+            raise ConfigError(f"{ref}: axis 0 (batch) of input {name!r} must be dynamic; declare {{0: 'batch', ...}}")
+        extra = sorted(set(axes) - {0, 1})
+        if extra or (1 in axes and t.ndim != 3):
+            raise ConfigError(
+                f"{ref}: input {name!r} (shape {list(t.shape)}) declares axes {sorted(axes)} dynamic; onnxpipe varies "
+                "the batch axis 0 and, for (batch, seq_len, features) inputs, the sequence axis 1")
+        out[name] = dict(sorted(axes.items()))
+    return out
+
+
+def _probe(model, example: dict, dynamic: dict, ref: str):
+    """Run the model on its example and again with every dynamic axis one longer; returns the outputs."""
+    import torch
+
+    def run(inputs: dict, what: str):
+        try:
+            with torch.no_grad():
+                out = model(*inputs.values())
+        except Exception as e:  # the user's forward can raise anything
+            raise ConfigError(f"{ref}: the model fails on {what} (inputs {shapes(inputs)}): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        if not outs or not all(isinstance(o, torch.Tensor) for o in outs):
+            raise ConfigError(f"{ref}: forward must return a tensor or a tuple of tensors, got {type(out).__name__}")
+        return outs
+
+    def shapes(inputs):
+        return ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items())
+
+    model.eval()
+    outs = run(example, "its example input")
+    grown = {}
+    g = torch.Generator().manual_seed(0)
+    for name, t in example.items():
+        shape = [s + 1 if a in dynamic[name] else s for a, s in enumerate(t.shape)]
+        grown[name] = (torch.randint(0, 2, shape, generator=g) if t.dtype == torch.int64
+                       else torch.randn(*shape, generator=g))
+    changed = ", ".join(f"{n} axis {a} ({d})" for n in dynamic for a, d in dynamic[n].items())
+    outs2 = run(grown, f"inputs one longer on its dynamic axes ({changed}) — it hard-codes a size that "
+                       "dynamic_axes declares dynamic")
+    batch = next(iter(grown.values())).shape[0]
+    if outs2[0].ndim < 1 or outs2[0].shape[0] != batch:
+        raise ConfigError(f"{ref}: with a batch of {batch} the first output has shape {list(outs2[0].shape)}; "
+                          "its axis 0 must follow the batch (does the model hard-code its batch size?)")
+    return outs
+
+
+def factory_spec(ref: str):
+    """Load the factory behind `ref` and describe it as a ModelSpec (checked by running it once)."""
+    from torch import nn
+
+    from models import InputSpec, ModelSpec
+
+    factory, module, source = load_factory(ref)
+    where, attr = _split_ref(ref)
+    key = (source["module"] or source["file"], attr, source["sha256"])
+    if key in _SPECS:
+        return _SPECS[key]
+    stem = Path(where).stem if source["module"] is None else where.rsplit(".", 1)[-1]
+    name = stem if attr == "build" else f"{stem}_{attr.replace('.', '_')}"
+    cfg_cls = config_class(factory, ref, name)
+
+    def build(cfg) -> nn.Module:
+        model = factory(**dataclasses.asdict(cfg))
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"{ref} returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    try:
+        model = build(cfg_cls())
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's factory can raise anything
+        raise ConfigError(f"{ref}() failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    example = _example_inputs(model, module, ref)
+    dynamic = _dynamic_axes(model, module, example, ref)
+    outs = _probe(model, example, dynamic, ref)
+    first = outs[0]
+    if first.ndim != 2:
+        raise ConfigError(f"{ref}: the first output has shape {list(first.shape)}; onnxpipe needs (batch, classes) "
+                          "scores (logits) from it")
+    names = _declared(model, module, "output_names")
+    names = tuple(names) if names else ("logits",) + tuple(f"output_{i}" for i in range(1, len(outs)))
+    if len(names) != len(outs):
+        raise ConfigError(f"{ref}: output_names has {len(names)} name(s) but forward returns {len(outs)} tensor(s)")
+
+    inputs = tuple(InputSpec(n, tuple(t.shape[1:]), dynamic[n], ALLOWED_DTYPES[str(t.dtype)]) for n, t in example.items())
+    lead = inputs[0].shape
+    if len(lead) == 3:
+        family = "image"
+    elif len(lead) == 2:
+        family = "sequence"
+    else:
+        raise ConfigError(f"{ref}: the first input has per-sample shape {list(lead)}; onnxpipe's data gives images "
+                          "(channels, height, width) or sequences (seq_len, features)")
+    # Settings that prepare_run and the parity grid read from a config; the factory's own keywords win.
+    derived = {"num_classes": int(first.shape[1]), "vocab_size": 2}
+    if family == "image":
+        derived["image_size"] = int(lead[1])
+    if any(1 in s.dynamic for s in inputs):
+        derived["seq_len"] = int(lead[0])
+    for key, value in derived.items():
+        if key not in {f.name for f in dataclasses.fields(cfg_cls)}:
+            setattr(cfg_cls, key, value)
+    spec = ModelSpec(name=name, family=family, config_cls=cfg_cls, build=build, inputs=inputs, output_names=names,
+                     description=f"user factory {ref}", source=source)
+    _SPECS[key] = spec
+    return spec
+
+
+def spec_from_source(source: dict):
+    """Rebuild a run's user model from the manifest's record; the factory file must be unchanged."""
+    file = source.get("file")
+    if file and not Path(file).is_file():
+        raise ConfigError(f"this run's model comes from {source['ref']}, but {file} no longer exists; "
+                          "restore it or run again with the factory where it is now")
+    if file and source.get("sha256") and sha256_file(file) != source["sha256"]:
+        raise ArtifactError(
+            f"the model factory {file} changed since this run was made (sha256 {sha256_file(file)[:12]}... != "
+            f"{source['sha256'][:12]}...); its weights may no longer fit: restore the file or make a new run")
+    ref = source["ref"] if source.get("module") else f"{file}:{_split_ref(source['ref'])[1]}"
+    return factory_spec(ref)
+
+
+# --- --no-train: the user's own weights -------------------------------------------------------------------
+
+def adopt_weights(run, weights: Path | None, ds, *, seed: int = 0):
+    """Variant `torch` without training: the factory's own initialization (seeded), or a state_dict file."""
+    import pickle
+
+    import torch
+
+    from .train import WEIGHTS, evaluate, save_weights, set_determinism
+
+    spec, cfg = run.spec, run.model_config()
+    set_determinism(seed)
+    model = spec.build(cfg)
+    config: dict = {"weights": None}
+    if weights is not None:
+        weights = Path(weights).expanduser()
+        if not weights.is_file():
+            raise ConfigError(f"weights file {weights} does not exist")
+        try:
+            state = torch.load(weights, weights_only=True, map_location="cpu")
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            raise ArtifactError(f"cannot read {weights} as PyTorch weights (torch.load, weights_only): "
+                                f"{str(e).splitlines()[0][:300]}") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]  # onnxpipe's model.pt and many trainers wrap the state_dict
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ArtifactError(f"{weights} does not hold a state_dict (a dict of parameter name -> tensor)")
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            raise ArtifactError(f"{weights} does not fit the model: {str(e).splitlines()[1:2] or e}") from None
+        if missing or unexpected:
+            raise ArtifactError(f"{weights} does not fit the model: missing keys {missing[:5]}, "
+                                f"unexpected keys {unexpected[:5]}")
+        config = {"weights": str(weights.resolve()), "sha256": sha256_file(weights)}
+    model.eval()
+    acc, _ = evaluate(model, ds.x_test, ds.y_test)
+    save_weights(run.root / WEIGHTS, spec.name, cfg, model.state_dict())
+    params = sum(p.numel() for p in model.parameters())
+    art = run.add_artifact("torch", WEIGHTS, stage="weights", format="torch", config=config,
+                           extra={"params": params}, save=False)
+    run.set_metrics("torch", accuracy=acc, params=params)
+    return art
