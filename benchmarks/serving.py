@@ -159,15 +159,25 @@ async def _client(port: int, request: bytes, stop_at: float, counts: dict) -> No
         writer.close()
 
 
-def throughput(port: int, request: bytes, clients: int, seconds: float) -> tuple[float, int]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc): a cost that other tenants' load
+    on a shared machine barely changes, unlike wall-clock throughput."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(server: "Server", request: bytes, clients: int, seconds: float) -> tuple[float, int, float]:
+    """(requests/s, errors, server CPU ms per request) for `clients` closed-loop connections."""
     async def main():
         counts = {"ok": 0, "errors": 0}
         t0 = time.perf_counter()
-        await asyncio.gather(*[_client(port, request, t0 + seconds, counts) for _ in range(clients)])
+        await asyncio.gather(*[_client(server.port, request, t0 + seconds, counts) for _ in range(clients)])
         return counts, time.perf_counter() - t0
 
+    cpu0 = cpu_seconds(server.proc.pid)
     counts, elapsed = asyncio.run(main())
-    return counts["ok"] / elapsed, counts["errors"]
+    cpu_ms = (cpu_seconds(server.proc.pid) - cpu0) * 1000 / max(counts["ok"], 1)
+    return counts["ok"] / elapsed, counts["errors"], cpu_ms
 
 
 def batch_totals(server: Server) -> np.ndarray:
@@ -196,22 +206,27 @@ def bench_run(run_dir: str, args) -> None:
             print(f"| {name} | {s.p50:.3f} | {s.p90:.3f} | {s.p99:.3f} | {s.p50 - raw:+.3f} |")
         del session  # free its threads before the throughput rounds
         results: dict[str, list[tuple[float, int]]] = {"--max-batch 32": [], "--max-batch 1": []}
-        throughput(batching.port, requests["binary"], args.clients, 0.5)  # warm-up
-        throughput(single.port, requests["binary"], args.clients, 0.5)
+        throughput(batching, requests["binary"], args.clients, 0.5)  # warm-up
+        throughput(single, requests["binary"], args.clients, 0.5)
         before = {"--max-batch 32": batch_totals(batching), "--max-batch 1": batch_totals(single)}
         for _ in range(args.rounds):
             for name, server in (("--max-batch 32", batching), ("--max-batch 1", single)):
-                results[name].append(throughput(server.port, requests["binary"], args.clients, args.seconds))
+                results[name].append(throughput(server, requests["binary"], args.clients, args.seconds))
         print(f"\n{args.clients} concurrent clients, batch-1 binary requests, {args.rounds} alternating rounds "
               f"of {args.seconds:g} s:\n")
-        print("| server | requests/s (median) | per round | errors | mean rows per ORT call |\n|---|---|---|---|---|")
-        med = {}
+        print("| server | requests/s (median) | per round | errors | mean rows per ORT call | server CPU ms per request "
+              "(median) |\n|---|---|---|---|---|---|")
+        med, cpu = {}, {}
         for (name, rows), server in zip(results.items(), (batching, single)):
-            med[name] = float(np.median([r for r, _ in rows]))
+            med[name] = float(np.median([r for r, _, _ in rows]))
+            cpu[name] = float(np.median([c for _, _, c in rows]))
             rows_calls = batch_totals(server) - before[name]
-            print(f"| {name} | {med[name]:.0f} | {', '.join(f'{r:.0f}' for r, _ in rows)} | "
-                  f"{sum(e for _, e in rows)} | {rows_calls[0] / max(rows_calls[1], 1):.1f} |")
-        print(f"\nratio batching / no batching: {med['--max-batch 32'] / med['--max-batch 1']:.2f}x")
+            print(f"| {name} | {med[name]:.0f} | {', '.join(f'{r:.0f}' for r, _, _ in rows)} | "
+                  f"{sum(e for _, e, _ in rows)} | {rows_calls[0] / max(rows_calls[1], 1):.1f} | {cpu[name]:.3f} |")
+        print(f"\nserver CPU per request, no batching / batching: {cpu['--max-batch 1'] / cpu['--max-batch 32']:.2f}x")
+        pairs = [a / b for (a, _, _), (b, _, _) in zip(results["--max-batch 32"], results["--max-batch 1"]) if b > 0]
+        print(f"\nratio batching / no batching: {med['--max-batch 32'] / med['--max-batch 1']:.2f}x (medians); "
+              f"per adjacent pair of rounds: median {np.median(pairs):.2f}x, range {min(pairs):.2f}-{max(pairs):.2f}x")
     finally:
         codes = (batching.stop(), single.stop())
         print(f"servers exited with {codes[0]} and {codes[1]} after SIGTERM")

@@ -292,9 +292,9 @@ def test_batcher_merges_waiting_requests_and_keeps_a_lone_one_fast():
         return [arrays[0] * 2]
 
     batcher = DynamicBatcher(run, max_batch=4, max_delay_s=0.002)
-    batcher.start()
 
     async def main():
+        batcher.start()
         first = asyncio.ensure_future(batcher.submit([np.full((1, 3), 0.0)]))
         await asyncio.sleep(0.05)
         rest = [asyncio.ensure_future(batcher.submit([np.full((1, 3), float(i))])) for i in range(1, 7)]
@@ -303,10 +303,11 @@ def test_batcher_merges_waiting_requests_and_keeps_a_lone_one_fast():
         outs = await asyncio.gather(first, *rest)
         t0 = time.perf_counter()
         await batcher.submit([np.ones((1, 3))])  # alone: no waiting for company
-        return outs, time.perf_counter() - t0
+        lone = time.perf_counter() - t0
+        await batcher.stop()
+        return outs, lone
 
     outs, lone = asyncio.run(main())
-    batcher.stop()
     assert calls[:3] == [1, 4, 2] and calls[3] == 1   # 6 waiting requests -> batches of 4 and 2 (max_batch 4)
     for i, out in enumerate(outs):
         np.testing.assert_array_equal(out[0], np.full((1, 3), 2.0 * i))

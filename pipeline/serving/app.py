@@ -265,7 +265,7 @@ def create_app(model: ServedModel, cfg: ServeConfig, *, load: Callable[[], None]
         batcher.start()
         threading.Thread(target=start_loading, name="onnxpipe-load", daemon=True).start()
         yield
-        batcher.stop(cfg.graceful_timeout_s)  # in-flight requests have finished by now; run what is queued
+        await batcher.stop(cfg.graceful_timeout_s)  # in-flight requests have finished by now
 
     routes = [Route("/v2", server_metadata), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
               Route("/metrics", prometheus)]

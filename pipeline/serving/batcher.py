@@ -1,12 +1,14 @@
-"""Dynamic batching: concurrent requests become one ONNX Runtime call, on a worker thread.
+"""Dynamic batching: concurrent requests become one ONNX Runtime call, run on a worker thread.
 
-The event loop only parses requests and enqueues them; one worker thread forms batches and runs
-the model (ORT releases the GIL, so the loop keeps accepting while it runs). Policy:
+Batches are formed on the event loop (no locks: everything but the model call is loop-side), and
+only the model call (concatenate + ORT, which releases the GIL) runs on one worker thread, so the
+loop keeps accepting and parsing requests while the model runs. Policy:
 
-- the worker takes the oldest request and every queued request with the same per-row shapes
-  (sequence models: same length) while the batch has at most `max_batch` rows;
+- the next batch is the oldest request plus every queued request with the same per-row shapes
+  (sequence models: same length), at most `max_batch` rows in all;
 - it waits for more, up to `max_delay` after the batch started, only while other requests are
   already being received (`arriving`), so a lone request runs at once and adds no delay;
+- requests that arrive while the model runs wait for the next batch (one model call at a time);
 - a request larger than `max_batch` runs alone, in one call;
 - if a merged call fails, each request is retried alone, so one bad request cannot fail others.
 """
@@ -14,10 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -37,17 +39,6 @@ class _Pending:
     rows: int
     key: tuple
     future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    enqueued: float = field(default_factory=time.perf_counter)
-
-
-def _resolve(future: asyncio.Future, value, error: BaseException | None) -> None:
-    if future.done():  # the client went away and its handler was cancelled
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
 
 
 class DynamicBatcher:
@@ -60,126 +51,119 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.metrics = metrics
-        self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()
         self._arriving = 0
-        self._collecting = False   # the worker is waiting for arrivals to join a batch
-        self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="onnxpipe-batcher", daemon=True)
+        self._wake: asyncio.Event | None = None
+        self._busy = False          # a batch is being formed or run
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="onnxpipe-model")
 
-    # --- event-loop side -----------------------------------------------------------------------------
+    # --- lifecycle (on the event loop) ---------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="onnxpipe-batcher")
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Run what is queued, then end the worker."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued or running, then end."""
+        deadline = time.monotonic() + timeout
+        while (self._queue or self._busy) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
 
+    # --- requests ------------------------------------------------------------------------------------
     def arriving(self) -> "_Arrival":
-        """Context for a request being received: the worker may wait a little for it to join a batch."""
+        """Context for a request being received: the batcher may wait a little for it to join a batch."""
         return _Arrival(self)
 
     async def submit(self, inputs: list[np.ndarray], arrival: "_Arrival | None" = None) -> list[np.ndarray]:
-        """Queue one request (arrays with a batch axis first) and wait for its rows of every output.
-        `arrival` (from `arriving()`) ends in the same step, so the worker never sees the request in neither place."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        """Queue one request (arrays with a batch axis first) and wait for its rows of every output."""
+        future = asyncio.get_running_loop().create_future()
         key = tuple((a.shape[1:], a.dtype.str) for a in inputs)
-        pending = _Pending(inputs, int(inputs[0].shape[0]), key, future, loop)
-        with self._cond:
-            if self._stopping:
-                raise InferenceError("the server is shutting down")
-            self._queue.append(pending)
-            if arrival is not None:
-                arrival.close_locked()
-            self._depth_changed()
-            self._wake_locked()
+        self._queue.append(_Pending(inputs, int(inputs[0].shape[0]), key, future))
+        if arrival is not None:
+            arrival.close()
+        self._depth_changed()
+        self._wake.set()
         return await future
 
-    # --- worker side ---------------------------------------------------------------------------------
-    def _wake_locked(self) -> None:
-        """Wake the worker when it can act: it is idle, or it is collecting a batch and nothing more is
-        arriving. Waking it for every arrival while it collects would only trade the GIL back and forth."""
-        if not self._collecting or self._arriving == 0:
-            self._cond.notify()
-
+    # --- the dispatcher ------------------------------------------------------------------------------
     def _depth_changed(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self._queue))
 
-    def _take(self) -> list[_Pending] | None:
-        """The next batch, or None when stopping with nothing left. Called with the lock held."""
-        while not self._queue:
-            if self._stopping:
-                return None
-            self._cond.wait()
-        first = self._queue.popleft()
-        batch, rows = [first], first.rows
-        deadline = time.perf_counter() + self.max_delay_s
-        while rows < self.max_batch:
-            kept: deque[_Pending] = deque()
-            while self._queue:
-                p = self._queue.popleft()
-                if p.key == first.key and rows + p.rows <= self.max_batch:
-                    batch.append(p)
-                    rows += p.rows
-                else:
-                    kept.append(p)
-            self._queue = kept
-            remaining = deadline - time.perf_counter()
-            if rows >= self.max_batch or self._arriving == 0 or remaining <= 0 or self._stopping:
-                break
-            self._collecting = True
-            self._cond.wait(remaining)
-            self._collecting = False
-        self._depth_changed()
-        return batch
+    def _fill(self, batch: list[_Pending], rows: int) -> int:
+        """Move queued requests that fit (same key, row budget) into the batch; returns its rows."""
+        kept: deque[_Pending] = deque()
+        while self._queue:
+            p = self._queue.popleft()
+            if p.key == batch[0].key and rows + p.rows <= self.max_batch:
+                batch.append(p)
+                rows += p.rows
+            else:
+                kept.append(p)
+        self._queue = kept
+        return rows
 
-    def _work(self) -> None:
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            with self._cond:
-                batch = self._take()
-            if batch is None:
-                return
-            self._run(batch)
+            self._busy = False
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            self._busy = True
+            batch = [self._queue.popleft()]
+            rows = self._fill(batch, batch[0].rows)
+            deadline = loop.time() + self.max_delay_s
+            while rows < self.max_batch and self._arriving > 0 and loop.time() < deadline:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    pass
+                rows = self._fill(batch, rows)
+            self._depth_changed()
+            await self._run(batch, rows)
 
-    def _run(self, batch: list[_Pending]) -> None:
-        inputs = (batch[0].inputs if len(batch) == 1 else
-                  [np.concatenate([p.inputs[i] for p in batch]) for i in range(len(batch[0].inputs))])
-        rows = sum(p.rows for p in batch)
+    async def _run(self, batch: list[_Pending], rows: int) -> None:
         t0 = time.perf_counter()
         try:
-            outputs = self.run_batch(inputs)
-            bad = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != rows]
-            if bad:
-                raise InferenceError(f"the model returned outputs shaped {bad} for a batch of {rows} rows")
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._call, [p.inputs for p in batch], rows)
         except Exception as e:  # ORT's own error types; each caller gets a 500 with the message
             if len(batch) > 1:
                 for p in batch:  # isolate: only the request that breaks the model should fail
-                    self._run([p])
+                    await self._run([p], p.rows)
                 return
             msg = str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
             log.error("inference failed on a request of %d rows: %s", rows, msg)
-            self._deliver(batch[0], None, InferenceError(f"inference failed in ONNX Runtime: {msg}"))
+            if not batch[0].future.done():
+                batch[0].future.set_exception(InferenceError(f"inference failed in ONNX Runtime: {msg}"))
             return
         if self.metrics is not None:
             self.metrics.batch_rows.observe(rows)
             self.metrics.inference_seconds.observe(time.perf_counter() - t0)
         start = 0
         for p in batch:
-            self._deliver(p, [o[start:start + p.rows] for o in outputs], None)
+            if not p.future.done():  # done: the client went away and its handler was cancelled
+                p.future.set_result([o[start:start + p.rows] for o in outputs])
             start += p.rows
 
-    @staticmethod
-    def _deliver(p: _Pending, value, error: BaseException | None) -> None:
-        try:
-            p.loop.call_soon_threadsafe(_resolve, p.future, value, error)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            log.warning("dropped a result: the event loop has closed")
+    def _call(self, per_request: list[list[np.ndarray]], rows: int) -> list[np.ndarray]:
+        """On the worker thread: merge the requests' inputs, run the model, check the batch axis."""
+        inputs = per_request[0] if len(per_request) == 1 else [
+            np.concatenate([r[i] for r in per_request]) for i in range(len(per_request[0]))]
+        outputs = self.run_batch(inputs)
+        bad = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != rows]
+        if bad:
+            raise InferenceError(f"the model returned outputs shaped {bad} for a batch of {rows} rows")
+        return outputs
 
 
 class _Arrival:
@@ -187,20 +171,18 @@ class _Arrival:
         self.batcher = batcher
         self.open = False
 
-    def close_locked(self) -> None:
+    def close(self) -> None:
         if self.open:
             self.open = False
             self.batcher._arriving -= 1
+            if self.batcher._arriving == 0 and self.batcher._wake is not None:
+                self.batcher._wake.set()  # a batch that waits for arrivals need not wait any more
 
     def __enter__(self) -> "_Arrival":
-        with self.batcher._cond:
-            self.batcher._arriving += 1
-            self.open = True
+        self.batcher._arriving += 1
+        self.open = True
         return self
 
     def __exit__(self, *exc) -> bool:
-        with self.batcher._cond:
-            if self.open:  # the request failed before it was queued
-                self.close_locked()
-                self.batcher._wake_locked()
+        self.close()  # the request failed before it was queued
         return False
