@@ -35,13 +35,23 @@ class Prediction:
                 "top": [{"class": c, "probability": p} for c, p in self.top]}
 
 
+def _dataset(run: Run) -> dict:
+    ds = run.manifest.get("dataset")
+    if not ds:
+        raise DataError(f"run {run.root} records no data (imported without --data), so onnxpipe does not know how "
+                        "to normalize images or raw arrays; pass arrays that are already model inputs")
+    return ds
+
+
 def _model_grid(run: Run) -> tuple[int, int]:
     """(height, width) an image must become: the image size, or (T, F) for a sequence model."""
-    shape = run.manifest["dataset"].get("sample_shape") or []
-    if run.manifest["dataset"].get("family") == "image":
-        if len(shape) != 3 or shape[0] != 1:
+    ds = _dataset(run)
+    shape = ds.get("sample_shape") or []
+    if ds.get("family") == "image":
+        channels_last = ds.get("layout") == "nhwc"
+        if len(shape) != 3 or shape[-1 if channels_last else 0] != 1:
             raise DataError(f"images need a 1-channel image model; this run takes samples shaped {shape}")
-        return shape[1], shape[2]
+        return (shape[0], shape[1]) if channels_last else (shape[1], shape[2])
     if len(shape) != 2:
         raise DataError(f"this run takes samples shaped {shape}; images fit image models or (T, F) sequence models")
     if run.manifest.get("model_config", {}).get("vocab_size"):
@@ -96,15 +106,15 @@ def _array_from_file(path: Path, input_name: str) -> np.ndarray:
 def load_inputs(run: Run, path: Path, input_shape: list, input_type: str, *, raw: bool = False,
                 invert: str = "auto") -> np.ndarray:
     """A file -> a batch the model takes (N, ...) in the model's dtype, normalized."""
-    norm = run.manifest["dataset"]["normalization"]
     if not path.is_file():
         raise DataError(f"input file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
-        native = NATIVE_SIZE.get(run.manifest["dataset"].get("source", ""))
-        x = load_image(path, _model_grid(run), native=native, invert=invert)
-        x = (x - norm["mean"]) / norm["std"]
-        x = x[None] if run.manifest["dataset"].get("family") == "image" else x
+        ds = _dataset(run)
+        x = load_image(path, _model_grid(run), native=NATIVE_SIZE.get(ds.get("source", "")), invert=invert)
+        x = (x - ds["normalization"]["mean"]) / ds["normalization"]["std"]
+        if ds.get("family") == "image":
+            x = x[..., None] if ds.get("layout") == "nhwc" else x[None]   # the channel axis
         return x[None].astype(np.float32)
     if suffix not in (".npy", ".npz"):
         raise DataError(f"{path}: unknown input type {suffix!r}; pass .npy/.npz arrays or .png/.jpg images")
@@ -124,6 +134,7 @@ def load_inputs(run: Run, path: Path, input_shape: list, input_type: str, *, raw
         return x.astype(np.int64)
     x = x.astype(np.float32)
     if raw:
+        norm = _dataset(run)["normalization"]
         x = (x * norm["scale"] - norm["mean"]) / norm["std"]
     if not np.isfinite(x).all():
         raise DataError(f"{path}: the array holds NaN or Inf values")
@@ -146,8 +157,8 @@ def predict_files(run: Run, paths: list[Path], *, variant: str | None = None, de
     if inner is not None:
         shape, kind = list(inner.get_inputs()[0].shape), inner.get_inputs()[0].type
     else:  # a torch variant: the run's recorded sample shape (sequence length free)
-        shape, kind = [None, *run.manifest["dataset"]["sample_shape"]], "tensor(float)"
-        if run.manifest["dataset"].get("family") == "sequence":
+        shape, kind = [None, *_dataset(run)["sample_shape"]], "tensor(float)"
+        if _dataset(run).get("family") == "sequence":
             shape[1] = None
     out = []
     for path in paths:

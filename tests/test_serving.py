@@ -185,6 +185,8 @@ BAD_REQUESTS = [
     ("negative dim", "infer", {"json": {"inputs": [{**IMG, "shape": [-1, 1, 28, 28], "data": [0] * 784}]}}, 400, "negative"),
     ("shape not a list", "infer", {"json": {"inputs": [{**IMG, "shape": "1x784", "data": [0] * 784}]}}, 400, "list of integers"),
     ("too few values", "infer", {"json": {"inputs": [{**IMG, "data": [0.5] * 700}]}}, 400, "has 700 values"),
+    ("nested too deep", "infer", {"content": b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                                  "headers": {"content-type": "application/json"}}, 400, "nested too deeply"),
     ("ragged nesting", "infer", {"json": {"inputs": [{**IMG, "data": [[0.0] * 28] * 27 + [[0.0] * 5]}]}}, 400, "ragged"),
     ("strings", "infer", {"json": {"inputs": [{**IMG, "data": ["a"] * 784}]}}, 400, "strings"),
     ("no data", "infer", {"json": {"inputs": [IMG]}}, 400, "has no 'data'"),

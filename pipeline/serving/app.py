@@ -238,6 +238,7 @@ def create_app(model: ServedModel, cfg: ServeConfig, *, load: Callable[[], None]
             payload, headers = encode_infer_response(m.name, m.version, req, named)
         return Response(payload, headers=headers)
 
+    @endpoint
     async def prometheus(request: Request):
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

@@ -137,16 +137,17 @@ class ServedModel:
     def _reference(self) -> tuple[np.ndarray, np.ndarray, str]:
         from ..atomic import sha256_file
 
+        remake = (f"`onnxpipe export {self.run.root}` (or `onnxpipe import MODEL.onnx --data ...` for an imported "
+                  "model) records one")
         ref = self.run.manifest.get("reference")
         if not ref:
-            raise ArtifactError(f"run {self.run.root} has no reference outputs for the self-test; "
-                                f"re-run `onnxpipe export {self.run.root}`")
+            raise ArtifactError(f"run {self.run.root} has no reference outputs (reference.npz) for the start-up "
+                                f"self-test; {remake}")
         path = self.run.root / ref["path"]
         if not path.is_file():
-            raise ArtifactError(f"reference file {path} is missing; re-run `onnxpipe export {self.run.root}`")
+            raise ArtifactError(f"reference file {path} is missing; {remake}")
         if sha256_file(path) != ref["sha256"]:
-            raise ArtifactError(f"reference file {path} changed since it was recorded (sha256 mismatch); "
-                                f"re-run `onnxpipe export {self.run.root}`")
+            raise ArtifactError(f"reference file {path} changed since it was recorded (sha256 mismatch); {remake}")
         with np.load(path, allow_pickle=False) as z:
             return z["inputs"], z["outputs"], ref.get("variant", "torch")
 

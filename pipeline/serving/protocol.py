@@ -137,6 +137,8 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
         hint = ("; a body with binary tensors needs the Inference-Header-Content-Length header"
                 if header_length is None and b"binary_data_size" in body[:4096] else "")
         raise RequestError(f"request body is not valid JSON: {e}{hint}") from None
+    except RecursionError:
+        raise RequestError("request JSON is nested too deeply; 'data' may be flat or nested to the tensor's shape") from None
     if not isinstance(req, dict):
         raise RequestError(f"request body must be a JSON object with 'inputs', got {type(req).__name__}")
     params = _parameters(req, "request")

@@ -78,6 +78,24 @@ def config_pbtxt(name: str, inputs, outputs, cfg: TritonConfig, provenance: list
     return "\n".join(lines) + "\n"
 
 
+def _external_files(model, folder: Path, recorded: dict | None) -> dict[str, Path]:
+    """Relative location -> file, for weights stored outside the .onnx; the recorded one is sha256-checked."""
+    from ..atomic import sha256_file
+
+    out = {}
+    for init in model.graph.initializer:
+        if init.data_location != 1:  # onnx.TensorProto.EXTERNAL
+            continue
+        location = next((e.value for e in init.external_data if e.key == "location"), None)
+        path = (folder / location).resolve() if location else None
+        if path is None or folder.resolve() not in path.parents or not path.is_file():
+            raise ArtifactError(f"external weights {location!r} of {folder} are missing or outside the run folder")
+        out[location] = path
+    if recorded and recorded.get("path") in out and sha256_file(out[recorded["path"]]) != recorded.get("sha256"):
+        raise ArtifactError(f"external weights {out[recorded['path']]} changed since they were recorded (sha256 mismatch)")
+    return out
+
+
 def export_triton(run: Run, out_dir: str | Path, variant: str | None = None,
                   cfg: TritonConfig = TritonConfig()) -> Path:
     """Write the repository entry for `variant` (default: the selected one); returns <out_dir>/<name>."""
@@ -91,9 +109,7 @@ def export_triton(run: Run, out_dir: str | Path, variant: str | None = None,
         raise ConfigError(f"variant {variant!r} is a {art.format} model; Triton's onnxruntime backend needs an ONNX variant")
     src = run.path(variant)  # sha256-checked
     model = onnx.load(str(src), load_external_data=False)
-    if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
-        raise ArtifactError(f"{src} keeps its weights in external data files; re-export it as one file "
-                            "(export writes a single file by default)")
+    external = _external_files(model, src.parent, art.extra.get("external_data"))
     initializers = {i.name for i in model.graph.initializer}
     inputs = _tensors([i for i in model.graph.input if i.name not in initializers])
     outputs = _tensors(model.graph.output)
@@ -111,5 +127,8 @@ def export_triton(run: Run, out_dir: str | Path, variant: str | None = None,
     text = config_pbtxt(name, inputs, outputs, cfg, provenance)
     with atomic_path(entry / "1" / "model.onnx") as tmp:
         shutil.copyfile(src, tmp)
+    for rel, path in external.items():  # weights kept beside the graph travel with it
+        with atomic_path(entry / "1" / rel) as tmp:
+            shutil.copyfile(path, tmp)
     write_bytes(entry / "config.pbtxt", text.encode())
     return entry
