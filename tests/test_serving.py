@@ -445,3 +445,17 @@ def test_standard_triton_client_with_default_settings(server, cnn):
     out = httpclient.InferRequestedOutput("logits", binary_data=False)
     np.testing.assert_allclose(tc.infer("cnn", [inp], outputs=[out]).as_numpy("logits"), want[:5], rtol=1e-6, atol=1e-6)
     tc.close()
+
+
+@pytest.mark.gpu
+def test_serve_on_cuda_reports_the_cuda_provider_and_passes_the_self_test(tiny_run, cnn):
+    _, pool, want = cnn
+    model = ServedModel.prepare(Run.open(tiny_run("cnn")), device="cuda")
+    with serve_in_thread(model, ServeConfig(port=0)) as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            wait_ready(client, 120)
+            params = client.get("/v2/models/cnn").json()["parameters"]
+            assert params["providers"][0] == "CUDAExecutionProvider" and params["device"] == "cuda"
+            assert params["self_test"]["passed"]
+            np.testing.assert_allclose(logits_of(client.post("/v2/models/cnn/infer", json=json_request(pool[:4]))),
+                                       want[:4], rtol=1e-3, atol=1e-4)
