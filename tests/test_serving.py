@@ -459,3 +459,41 @@ def test_serve_on_cuda_reports_the_cuda_provider_and_passes_the_self_test(tiny_r
             assert params["self_test"]["passed"]
             np.testing.assert_allclose(logits_of(client.post("/v2/models/cnn/infer", json=json_request(pool[:4]))),
                                        want[:4], rtol=1e-3, atol=1e-4)
+
+
+def test_protocol_datatypes_beyond_fp32():
+    """FP16 and INT64 in JSON and binary; integers are not silently truncated; token ids are range-checked."""
+    from pipeline.serving.model import TensorMeta
+    from pipeline.serving.protocol import RequestError, encode_infer_response, parse_infer_request
+
+    half = np.array([[0.5, -2.0, 65504.0]], np.float16)
+    head = json.dumps({"inputs": [{"name": "h", "shape": [1, 3], "datatype": "FP16",
+                                   "parameters": {"binary_data_size": 6}},
+                                  {"name": "t", "shape": [1, 3], "datatype": "INT64", "data": [[1, 2, 99]]}],
+                       "outputs": [{"name": "h", "parameters": {"binary_data": True}}, {"name": "t"}]}).encode()
+    req = parse_infer_request(head + half.tobytes(), str(len(head)))
+    np.testing.assert_array_equal(req.inputs[0].array, half)
+    assert req.inputs[1].array.dtype == np.int64 and req.inputs[1].array.tolist() == [[1, 2, 99]]
+    body, headers = encode_infer_response("m", "1", req, [("h", "FP16", half), ("t", "INT64", req.inputs[1].array)])
+    n = int(headers["inference-header-content-length"])
+    doc = json.loads(body[:n])
+    assert doc["outputs"][0]["parameters"]["binary_data_size"] == 6 and doc["outputs"][1]["data"] == [1, 2, 99]
+    np.testing.assert_array_equal(np.frombuffer(body[n:], "<f2").reshape(1, 3), half)
+    for data, words in (([[1.5, 2, 3]], "non-integer"), ([[2 ** 70, 0, 0]], "out-of-range")):
+        with pytest.raises(RequestError, match=words):
+            parse_infer_request(json.dumps({"inputs": [{"name": "t", "shape": [1, 3], "datatype": "INT64",
+                                                        "data": data}]}).encode())
+    with pytest.raises(RequestError, match=r"outside the INT8 range"):
+        parse_infer_request(json.dumps({"inputs": [{"name": "b", "shape": [1], "datatype": "INT8",
+                                                    "data": [300]}]}).encode())
+
+    model = ServedModel(run=None, variant="v", name="tok", vocab_size=100, state="ready",
+                        inputs=[TensorMeta("t", "INT64", (-1, -1))], outputs=[TensorMeta("logits", "FP32", (-1, 10))])
+    ok = parse_infer_request(json.dumps({"inputs": [{"name": "t", "shape": [2, 5], "datatype": "INT64",
+                                                     "data": list(range(10))}]}).encode())
+    assert model.feeds(ok)[0].shape == (2, 5)
+    for shape, data, words in (([1, 3], [1, 2, 100], "outside \\[0, 99\\]"), ([1, 0], [], "zero-length")):
+        bad = parse_infer_request(json.dumps({"inputs": [{"name": "t", "shape": shape, "datatype": "INT64",
+                                                          "data": data}]}).encode())
+        with pytest.raises(RequestError, match=words):
+            model.feeds(bad)
