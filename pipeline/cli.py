@@ -388,6 +388,41 @@ def quantize_cmd(
                 title=f"quantize: {run.root} (budget {max_drop} pt, agreement >= {min_agreement})")
 
 
+@app.command("distill")
+@user_errors
+def distill_cmd(
+    run_dir: RunArg,
+    student_scale: Annotated[Optional[float], typer.Option("--student-scale", help="Scale the teacher's width fields (0-1); default: the model's declared student.")] = None,
+    student_model: Annotated[Optional[str], typer.Option("--student-model", help="Another registered model of the same input family as the student, e.g. gru for a transformer teacher.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature T of the soft targets (loss scaled by T^2).")] = 4.0,
+    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the soft-target loss; 1 - alpha weighs the hard labels.")] = 0.7,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Student epochs (default: the student model's tuned setting).")] = None,
+    max_drop: Annotated[float, typer.Option("--max-drop", help="Accuracy drop (points) against the teacher allowed for student variants to be selected.")] = 1.5,
+    scratch: Annotated[bool, typer.Option("--scratch/--no-scratch", help="Also train the same student from scratch (same epochs and seed) to measure the distillation gain.")] = True,
+    seed: SeedOpt = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the student's (and scratch twin's) training from their checkpoints.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Distill a smaller student from the run's teacher, then export, optimize, quantize, verify and select as for the teacher."""
+    from .orchestrate import Context, stage_distill, stage_select, stage_verify
+    from .runfolder import Run
+
+    run = Run.open(run_dir)
+    ctx = Context(seed=seed, progress=not quiet, stage_options={"distill": {
+        "student_scale": student_scale, "student_model": student_model, "temperature": temperature, "alpha": alpha,
+        "epochs": epochs, "max_accuracy_drop": max_drop, "scratch_baseline": scratch, "resume": resume}})
+    stage_distill(run, ctx)
+    stage_verify(run, ctx)
+    stage_select(run, ctx)
+    d = run.manifest["distillation"]
+    rows = [{"model": f"teacher ({run.model_name})", "params": d["teacher_params"], "accuracy": d["teacher_accuracy"]},
+            {"model": f"distilled student ({d['student_model']})", "params": d["student_params"], "accuracy": d["distilled_accuracy"]}]
+    if "scratch_accuracy" in d:
+        rows.append({"model": "same student from scratch", "params": d["student_params"], "accuracy": d["scratch_accuracy"]})
+    print_table(rows, ["model", "params", "accuracy"], title=f"distill: {run.root} (T={temperature}, alpha={alpha})")
+    typer.echo(f"selected: {run.manifest['selected']}")
+
+
 @app.command("select")
 @user_errors
 def select_cmd(
@@ -456,71 +491,6 @@ def show_cmd(run_dir: RunArg) -> None:
     from .runfolder import Run
 
     _summary(Run.open(run_dir))
-
-
-def parse_int_list(text: str, option: str) -> tuple[int, ...]:
-    """'1,64' -> (1, 64); a typed ConfigError naming the option for anything else."""
-    from .errors import ConfigError
-
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"bad {option} {text!r}: expected comma-separated positive integers, e.g. {option} 1,64") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"bad {option} {text!r}: expected comma-separated positive integers, e.g. {option} 1,64")
-    return values
-
-
-def _bench_display(row: dict) -> dict:
-    """A bench row with short, fixed-precision strings for the terminal."""
-    def num(v, fmt):
-        return None if v is None else format(v, fmt)
-
-    return {
-        "variant": row["variant"] + (" *" if row["selected"] else ""), "threads": row["threads"], "batch": row["batch"],
-        "p50_ms": num(row["p50_ms"], ".3f"), "p90_ms": num(row["p90_ms"], ".3f"), "p99_ms": num(row["p99_ms"], ".3f"),
-        "rows/s": num(row["rows_s"], ".0f"), "x torch": num(row["x_torch"], ".2f"), "GFLOP/s": num(row["gflops"], ".1f"),
-        "% peak": num(row["pct_peak"], ".0f"), "limit": row["limit"], "kind": row["kind"],
-        "MFLOP/row": num(None if row["flops_per_row"] is None else row["flops_per_row"] / 1e6, ".3f"),
-        "size KiB": num(row["size_kib"], ".1f"), "peak RSS MB": num(row["rss_mb"], ".0f"),
-        "accuracy": num(row["accuracy"], ".4f"),
-    }
-
-
-@app.command("bench")
-@user_errors
-def bench_cmd(
-    run_dir: RunArg,
-    batch: Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes.")] = "1,64",
-    threads: Annotated[Optional[str], typer.Option("--threads", help="Comma-separated intra-op thread counts (default: 1 and all cores).")] = None,
-    device: DeviceOpt = "cpu",
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed rounds before timing.")] = 5,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed rounds per cell (every variant once per round).")] = 30,
-    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated subset of variants (torch is always included).")] = None,
-    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure the peak RSS of a fresh process per variant.")] = True,
-) -> None:
-    """Time every variant side by side with PyTorch eager; FLOPs, fraction of the machine's peak, memory."""
-    from .bench import BenchConfig, bench, bench_rows
-    from .runfolder import Run
-
-    cfg = BenchConfig(batches=parse_int_list(batch, "--batch"),
-                      threads=parse_int_list(threads, "--threads") if threads else None, device=device,
-                      warmup=warmup, runs=runs, memory=memory,
-                      variants=tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None)
-    run = Run.open(run_dir)
-    info = bench(run, cfg, log=lambda msg: typer.echo(msg, err=True))
-    rows = bench_rows(run)
-    print_table([_bench_display(r) for r in rows],
-                ["variant", "threads", "batch", "p50_ms", "p90_ms", "p99_ms", "rows/s", "x torch", "GFLOP/s", "% peak",
-                 "limit"], title=f"bench: {run.root} ({info['machine']['cpu']}, device {cfg.device})")
-    per_variant = {r["variant"]: _bench_display(r) for r in rows}
-    print_table(list(per_variant.values()), ["variant", "kind", "MFLOP/row", "size KiB", "peak RSS MB", "accuracy"])
-    for t, lim in info["limits"].items():
-        for b, x in lim["by_batch"].items():
-            typer.echo(f"limits at {t} thread(s), measured in the batch-{b} rounds: FP32 matmul {x['fp32_gflops']:.0f} GFLOP/s, "
-                       f"INT8 matmul {x['int8_gops']:.0f} GOP/s, per-call overhead ORT {1000 * x['overhead_ms']:.0f} us, "
-                       f"torch {1000 * x['torch_overhead_ms']:.0f} us")
-    typer.echo(f"results in {run.root / 'manifest.json'} (metrics.<variant>.bench)")
 
 
 # --- serving (pipeline/serving/, pipeline/predict.py) -------------------------------------------------
@@ -600,6 +570,71 @@ def export_triton_cmd(
     entry = export_triton(Run.open(run_dir), out_dir, variant, cfg)
     typer.echo(f"wrote {entry}/config.pbtxt and {entry}/1/model.onnx; serve with "
                f"`tritonserver --model-repository {out_dir}`")
+
+
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    """'1,64' -> (1, 64); a typed ConfigError naming the option for anything else."""
+    from .errors import ConfigError
+
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"bad {option} {text!r}: expected comma-separated positive integers, e.g. {option} 1,64") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"bad {option} {text!r}: expected comma-separated positive integers, e.g. {option} 1,64")
+    return values
+
+
+def _bench_display(row: dict) -> dict:
+    """A bench row with short, fixed-precision strings for the terminal."""
+    def num(v, fmt):
+        return None if v is None else format(v, fmt)
+
+    return {
+        "variant": row["variant"] + (" *" if row["selected"] else ""), "threads": row["threads"], "batch": row["batch"],
+        "p50_ms": num(row["p50_ms"], ".3f"), "p90_ms": num(row["p90_ms"], ".3f"), "p99_ms": num(row["p99_ms"], ".3f"),
+        "rows/s": num(row["rows_s"], ".0f"), "x torch": num(row["x_torch"], ".2f"), "GFLOP/s": num(row["gflops"], ".1f"),
+        "% peak": num(row["pct_peak"], ".0f"), "limit": row["limit"], "kind": row["kind"],
+        "MFLOP/row": num(None if row["flops_per_row"] is None else row["flops_per_row"] / 1e6, ".3f"),
+        "size KiB": num(row["size_kib"], ".1f"), "peak RSS MB": num(row["rss_mb"], ".0f"),
+        "accuracy": num(row["accuracy"], ".4f"),
+    }
+
+
+@app.command("bench")
+@user_errors
+def bench_cmd(
+    run_dir: RunArg,
+    batch: Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes.")] = "1,64",
+    threads: Annotated[Optional[str], typer.Option("--threads", help="Comma-separated intra-op thread counts (default: 1 and all cores).")] = None,
+    device: DeviceOpt = "cpu",
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed rounds before timing.")] = 5,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed rounds per cell (every variant once per round).")] = 30,
+    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated subset of variants (torch is always included).")] = None,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure the peak RSS of a fresh process per variant.")] = True,
+) -> None:
+    """Time every variant side by side with PyTorch eager; FLOPs, fraction of the machine's peak, memory."""
+    from .bench import BenchConfig, bench, bench_rows
+    from .runfolder import Run
+
+    cfg = BenchConfig(batches=parse_int_list(batch, "--batch"),
+                      threads=parse_int_list(threads, "--threads") if threads else None, device=device,
+                      warmup=warmup, runs=runs, memory=memory,
+                      variants=tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None)
+    run = Run.open(run_dir)
+    info = bench(run, cfg, log=lambda msg: typer.echo(msg, err=True))
+    rows = bench_rows(run)
+    print_table([_bench_display(r) for r in rows],
+                ["variant", "threads", "batch", "p50_ms", "p90_ms", "p99_ms", "rows/s", "x torch", "GFLOP/s", "% peak",
+                 "limit"], title=f"bench: {run.root} ({info['machine']['cpu']}, device {cfg.device})")
+    per_variant = {r["variant"]: _bench_display(r) for r in rows}
+    print_table(list(per_variant.values()), ["variant", "kind", "MFLOP/row", "size KiB", "peak RSS MB", "accuracy"])
+    for t, lim in info["limits"].items():
+        for b, x in lim["by_batch"].items():
+            typer.echo(f"limits at {t} thread(s), measured in the batch-{b} rounds: FP32 matmul {x['fp32_gflops']:.0f} GFLOP/s, "
+                       f"INT8 matmul {x['int8_gops']:.0f} GOP/s, per-call overhead ORT {1000 * x['overhead_ms']:.0f} us, "
+                       f"torch {1000 * x['torch_overhead_ms']:.0f} us")
+    typer.echo(f"results in {run.root / 'manifest.json'} (metrics.<variant>.bench)")
 
 
 @app.command("report")

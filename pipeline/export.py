@@ -132,32 +132,46 @@ def check_dynamic_dims(model, spec) -> None:
                           + " (exporter trap: the graph would only accept the example shape)")
 
 
-def export(run: Run, cfg: ExportConfig, *, test_inputs: np.ndarray | None = None) -> Artifact:
-    """Export variant `torch` to variant `onnx` and gate it on grid parity."""
+def variant_spec(run: Run, variant: str):
+    """(spec, config) of a torch variant: the run's model, or the student's own model for a distilled student."""
+    art = run.artifact(variant)
+    name = art.extra.get("model")
+    if not name or name == run.model_name:
+        return run.spec, run.model_config()
+    from models import get_model, replace_config
+
+    spec = get_model(name)
+    return spec, replace_config(spec.config_cls(), art.extra["model_config"])
+
+
+def export(run: Run, cfg: ExportConfig, *, source: str = "torch", target: str = "onnx",
+           test_inputs: np.ndarray | None = None) -> Artifact:
+    """Export torch variant `source` to ONNX variant `target` and gate it on grid parity."""
     from .runtime import make_session
     from .train import load_torch_model
     from .variants import load_predictor
 
-    spec, model_cfg = run.spec, run.model_config()
-    module = load_torch_model(run, "torch")
+    spec, model_cfg = variant_spec(run, source)
+    module = load_torch_model(run, source)
     opset = cfg.opset or spec.opset
-    path = run.root / ONNX_FILE
+    filename = ONNX_FILE if target == "onnx" else f"{target}.onnx"
+    path = run.root / filename
     written = export_module(module, spec, model_cfg, path, opset)
 
-    torch_fn = load_predictor(run, "torch")
+    torch_fn = load_predictor(run, source)
     session = make_session(path, device="cpu")
-    report = tensor_parity("torch", "onnx", torch_fn, session, shape_grid(spec, model_cfg, cfg.batches, cfg.seq_lens),
+    report = tensor_parity(source, target, torch_fn, session, shape_grid(spec, model_cfg, cfg.batches, cfg.seq_lens),
                            atol=cfg.atol, rtol=cfg.rtol, output_names=spec.output_names)
     if not report:
         path.unlink()
         raise ParityError(report)
-    art = run.add_artifact("onnx", ONNX_FILE, stage="export", parent="torch", config=asdict(cfg), opset=written,
+    art = run.add_artifact(target, filename, stage="export", parent=source, config=asdict(cfg), opset=written,
                            extra={"requested_opset": opset}, save=False)
     run.record_parity(report.to_json(), save=False)
-    if test_inputs is not None:
+    if test_inputs is not None and source == "torch":
         write_reference(run, torch_fn, test_inputs[:8])
     if not run.manifest.get("selected"):
-        run.manifest["selected"] = "onnx"  # the only deployable variant until compression chooses
+        run.manifest["selected"] = target  # the only deployable variant until compression chooses
     run.save()
     return art
 

@@ -109,6 +109,20 @@ def stage_quantize(run: Run, ctx: Context) -> None:
     quantize(run, stage_config(QuantizeConfig, ctx, "quantize", mode="auto"), ctx.data_for(run))
 
 
+def stage_distill(run: Run, ctx: Context) -> None:
+    """Train the student, then put it through the same export / optimize / quantize functions as the teacher."""
+    from .distill import DistillConfig, distill
+    from .export import ExportConfig, export
+    from .optimize import OptimizeConfig, optimize
+    from .quantize import QuantizeConfig, quantize
+
+    ds = ctx.data_for(run)
+    distill(run, stage_config(DistillConfig, ctx, "distill", seed=ctx.seed), ds, progress=ctx.progress)
+    export(run, stage_config(ExportConfig, ctx, "export"), source="student", target="student_onnx")
+    optimize(run, stage_config(OptimizeConfig, ctx, "optimize"), source="student_onnx")
+    quantize(run, stage_config(QuantizeConfig, ctx, "quantize", mode="auto"), ds, source="student_onnx")
+
+
 def stage_select(run: Run, ctx: Context) -> None:
     from .select import SelectConfig, select
 
@@ -157,6 +171,7 @@ STAGES: list[tuple[str, StageFn]] = [
     ("export", stage_export),
     ("optimize", stage_optimize),
     ("quantize", stage_quantize),
+    ("distill", stage_distill),
     ("verify", stage_verify),
     ("select", stage_select),
     ("bench", stage_bench),

@@ -120,6 +120,7 @@ def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, *, checkpoint: Path | N
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
+        sched.total_steps = cfg.epochs * steps_per_epoch  # resuming with more epochs extends the schedule
         best_weights = {k: v.to(world.device) for k, v in ck["best_weights"].items()}
         state = {k: ck[k] for k in ("epoch", "best_val", "best_epoch", "history")}
         resumed_from = state["epoch"]

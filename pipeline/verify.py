@@ -47,10 +47,24 @@ def pairs(run: Run) -> list[tuple[str, str]]:
     return out
 
 
-def path_is_lossy(run: Run, reference: str, candidate: str) -> bool:
+def _steps(run: Run, reference: str, candidate: str) -> list[str]:
+    """The variants made on the way from `reference` to `candidate` (candidate first)."""
     chain = run.lineage(candidate)
-    steps = chain[: chain.index(reference)] if reference in chain else chain
-    return any(run.artifact(v).lossy for v in steps)
+    return chain[: chain.index(reference)] if reference in chain else chain
+
+
+def path_is_lossy(run: Run, reference: str, candidate: str) -> bool:
+    return any(run.artifact(v).lossy for v in _steps(run, reference, candidate))
+
+
+def path_budget(run: Run, reference: str, candidate: str) -> dict:
+    """The budget declared by the step nearest the reference (a student's 1.5-point budget against its
+    teacher also covers the student's INT8 child when compared with the teacher); {} if none."""
+    for v in reversed(_steps(run, reference, candidate)):
+        budget = run.artifact(v).extra.get("budget")
+        if budget:
+            return budget
+    return {}
 
 
 def verify(run: Run, cfg: VerifyConfig, ds: Dataset) -> list[ParityReport]:
@@ -64,7 +78,7 @@ def verify(run: Run, cfg: VerifyConfig, ds: Dataset) -> list[ParityReport]:
     reports = []
     for ref, cand in pairs(run):
         if path_is_lossy(run, ref, cand):
-            budget = run.artifact(cand).extra.get("budget", {})
+            budget = path_budget(run, ref, cand)
             rep = task_parity(ref, cand, logits[ref], logits[cand], ds.y_test,
                               max_accuracy_drop=budget.get("max_accuracy_drop", cfg.max_accuracy_drop),
                               min_agreement=budget.get("min_agreement", cfg.min_agreement))

@@ -1,0 +1,135 @@
+"""Distill stage: a smaller student trained on the teacher's soft targets, and its scratch twin.
+
+loss = alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, labels)
+
+The student becomes variant `student` (torch, parent `torch`, lossy, with a budget against the
+teacher) and then goes through the same export / optimize / quantize / verify / select functions as
+the teacher. The same architecture is also trained from scratch on hard labels with the same epochs
+and seed, so the distillation gain is a measured number in the manifest, not an assumption."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn import functional as F
+
+from .data import Dataset
+from .errors import ConfigError
+from .runfolder import Artifact, Run
+
+STUDENT_FILE = "student.pt"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    student_model: str | None = None     # another registered model of the same input family
+    student_scale: float | None = None   # scale the teacher's width fields (None: the spec's student config)
+    temperature: float = 4.0
+    alpha: float = 0.7                   # weight of the soft-target loss
+    epochs: int | None = None            # None: the student model's tuned default
+    lr: float | None = None
+    seed: int = 0
+    max_accuracy_drop: float = 1.5       # points against the teacher, for `selected`
+    scratch_baseline: bool = True
+    resume: bool = False                 # continue the student's and the twin's checkpoints
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.student_scale is not None and not 0.0 < self.student_scale < 1.0:
+            raise ConfigError(f"student_scale must be in (0, 1), got {self.student_scale}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.max_accuracy_drop < 0:
+            raise ConfigError(f"max_accuracy_drop must be >= 0, got {self.max_accuracy_drop}")
+
+
+def student_spec_and_config(run: Run, cfg: DistillConfig):
+    """The student's ModelSpec and config, adapted to the run's data."""
+    from models import get_model, replace_config
+
+    teacher_spec, teacher_cfg = run.spec, run.model_config()
+    sample_shape = tuple(run.manifest["dataset"]["sample_shape"])
+    if cfg.student_model and cfg.student_model != teacher_spec.name:
+        spec = get_model(cfg.student_model)
+        if spec.family != teacher_spec.family:
+            raise ConfigError(
+                f"student model {spec.name!r} takes {spec.family} inputs but the teacher {teacher_spec.name!r} takes "
+                f"{teacher_spec.family} inputs; pick a student of the {teacher_spec.family} family"
+            )
+        base = spec.adapt_to_data(spec.make_config({"num_classes": teacher_cfg.num_classes}), sample_shape)
+        fields = spec.student
+    else:
+        spec, base, fields = teacher_spec, teacher_cfg, teacher_spec.student
+    if cfg.student_scale is None:
+        student_cfg = replace_config(base, fields) if spec is teacher_spec else base
+    else:
+        student_cfg = replace_config(base, _scaled(base, fields, cfg.student_scale))
+    return spec, student_cfg
+
+
+def _scaled(base, fields: dict, scale: float) -> dict:
+    """Scale each field the spec's student shrinks; keep attention width divisible by the heads."""
+    out = {}
+    for name in fields:
+        value = max(1, int(round(getattr(base, name) * scale)))
+        if name == "d_model" and hasattr(base, "heads"):
+            value = max(base.heads, value - value % base.heads)
+        out[name] = value
+    return out
+
+
+def kd_loss(teacher: torch.nn.Module, temperature: float, alpha: float):
+    """The distillation loss as fit()'s loss_fn(logits, labels, inputs)."""
+    teacher.eval()
+
+    def loss(student_logits, y, xb):
+        with torch.no_grad():
+            t = teacher(xb)
+        soft = F.kl_div(F.log_softmax(student_logits / temperature, -1), F.log_softmax(t / temperature, -1),
+                        log_target=True, reduction="batchmean") * temperature ** 2
+        return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, y)
+
+    return loss
+
+
+def distill(run: Run, cfg: DistillConfig, ds: Dataset, *, progress: bool = True) -> Artifact:
+    from .train import evaluate, fit, load_torch_model, save_weights, set_determinism, train_config_for
+
+    spec, student_cfg = student_spec_and_config(run, cfg)
+    teacher = load_torch_model(run, "torch")
+    train_cfg = train_config_for(spec, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed)
+    teacher_acc, _ = evaluate(teacher, ds.x_test, ds.y_test)
+
+    set_determinism(cfg.seed)
+    student = spec.build(student_cfg)
+    hist = fit(student, ds, train_cfg, checkpoint=run.root / "checkpoints" / "student.pt", resume=cfg.resume,
+               loss_fn=kd_loss(teacher, cfg.temperature, cfg.alpha), desc=f"distill {spec.name}", progress=progress)
+    distilled_acc, _ = evaluate(student, ds.x_test, ds.y_test)
+    record = {
+        "student_model": spec.name, "student_config": asdict(student_cfg), "train": asdict(train_cfg),
+        "temperature": cfg.temperature, "alpha": cfg.alpha, "epochs_run": hist["epoch"],
+        "teacher_accuracy": teacher_acc, "distilled_accuracy": distilled_acc,
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "student_params": sum(p.numel() for p in student.parameters()),
+    }
+    if cfg.scratch_baseline:
+        set_determinism(cfg.seed)
+        twin = spec.build(student_cfg)
+        twin_hist = fit(twin, ds, train_cfg, checkpoint=run.root / "checkpoints" / "student_scratch.pt",
+                        resume=cfg.resume, desc=f"scratch {spec.name}", progress=progress)
+        scratch_acc, _ = evaluate(twin, ds.x_test, ds.y_test)
+        record.update(scratch_accuracy=scratch_acc, scratch_epochs_run=twin_hist["epoch"],
+                      distillation_gain_pt=100.0 * (distilled_acc - scratch_acc))
+    save_weights(run.root / STUDENT_FILE, spec.name, student_cfg, student.state_dict())
+    art = run.add_artifact(
+        "student", STUDENT_FILE, stage="distill", parent="torch", format="torch", lossy=True, config=asdict(cfg),
+        extra={"model": spec.name, "model_config": asdict(student_cfg), "params": record["student_params"],
+               "budget": {"max_accuracy_drop": cfg.max_accuracy_drop, "min_agreement": 0.0}},
+        save=False,
+    )
+    run.manifest["distillation"] = record
+    run.set_metrics("student", accuracy=distilled_acc, params=record["student_params"])
+    return art

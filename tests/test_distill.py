@@ -1,0 +1,92 @@
+"""Distillation: a smaller student with its own export parity, lineage, scratch baseline and budget."""
+import pytest
+
+from pipeline.atomic import sha256_file
+from pipeline.data import reload_dataset
+from pipeline.distill import DistillConfig, distill, student_spec_and_config
+from pipeline.errors import ConfigError
+from pipeline.export import ExportConfig, export
+from pipeline.runfolder import Run
+from pipeline.verify import VerifyConfig, path_budget, verify
+
+TINY = dict(epochs=2, scratch_baseline=True)
+
+
+def test_student_is_smaller_exports_with_parity_and_records_scratch(copy_of):
+    run = Run.open(copy_of("cnn"))
+    ds = reload_dataset(run.manifest["dataset"])
+    distill(run, DistillConfig(**TINY), ds, progress=False)
+    d = run.manifest["distillation"]
+    assert d["student_params"] < d["teacher_params"] / 3
+    assert 0.0 <= d["scratch_accuracy"] <= 1.0 and 0.0 <= d["distilled_accuracy"] <= 1.0
+    assert d["distillation_gain_pt"] == pytest.approx(100 * (d["distilled_accuracy"] - d["scratch_accuracy"]))
+    assert d["distilled_accuracy"] > 0.3  # well above chance (0.1) after two epochs
+
+    export(run, ExportConfig(batches=(1, 7)), source="student", target="student_onnx")
+    arts = run.manifest["artifacts"]
+    assert arts["student"]["parent"] == "torch" and arts["student_onnx"]["parent"] == "student"
+    for v in ("student", "student_onnx"):
+        assert sha256_file(run.root / arts[v]["path"]) == arts[v]["sha256"]
+    p = next(p for p in run.manifest["parity"] if (p["reference"], p["candidate"]) == ("student", "student_onnx"))
+    assert p["passed"] and p["max_abs"] < 1e-4 and p["rule"] == "tensor"
+
+    # against the teacher the student is judged by its own budget (accuracy drop only)
+    assert path_budget(run, "torch", "student_onnx") == {"max_accuracy_drop": 1.5, "min_agreement": 0.0}
+    reports = {(r.reference, r.candidate): r for r in verify(run, VerifyConfig(batches=(1, 7)), ds)}
+    vs_teacher = reports[("torch", "student_onnx")]
+    assert vs_teacher.rule == "task" and vs_teacher.max_accuracy_drop == 1.5
+    assert reports[("student", "student_onnx")].rule == "tensor" and reports[("student", "student_onnx")]
+
+
+def test_cross_model_student_for_sequences(copy_of):
+    run = Run.open(copy_of("transformer"))
+    spec, cfg = student_spec_and_config(run, DistillConfig(student_model="gru", student_scale=0.5))
+    assert spec.name == "gru" and cfg.hidden == 32 and cfg.seq_len == run.model_config().seq_len
+    ds = reload_dataset(run.manifest["dataset"])
+    distill(run, DistillConfig(student_model="gru", epochs=1, scratch_baseline=False), ds, progress=False)
+    assert run.manifest["artifacts"]["student"]["extra"]["model"] == "gru"
+    export(run, ExportConfig(batches=(2,)), source="student", target="student_onnx")
+    shapes = {tuple(s) for p in run.manifest["parity"] if p["candidate"] == "student_onnx" for s in p["shapes"]}
+    assert {s[1] for s in shapes} == {1, 8, 16}  # the GRU student keeps the sequence axis dynamic
+
+
+def test_student_from_another_family_is_an_error(copy_of):
+    run = Run.open(copy_of("lstm"))
+    with pytest.raises(ConfigError, match="student model 'cnn' takes image inputs but the teacher 'lstm' takes sequence"):
+        student_spec_and_config(run, DistillConfig(student_model="cnn"))
+
+
+def test_student_scale_shrinks_width_fields(tiny_run):
+    run = Run.open(tiny_run("transformer"))
+    _, cfg = student_spec_and_config(run, DistillConfig(student_scale=0.25))
+    assert cfg.d_model == 16 and cfg.d_model % cfg.heads == 0 and cfg.ff == 32
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": 0}, "temperature must be > 0"),
+    ({"alpha": 1.5}, "alpha must be in"),
+    ({"student_scale": 2.0}, "student_scale must be in"),
+])
+def test_bad_distill_settings(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        DistillConfig(**kwargs)
+
+
+def test_distill_command_runs_student_through_compression_and_selection(copy_of):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root = copy_of("gru")
+    r = CliRunner().invoke(app, ["distill", str(root), "--epochs", "2", "--quiet", "--alpha", "0.5", "--temperature", "2"])
+    assert r.exit_code == 0, r.output
+    run = Run.open(root)
+    arts = run.manifest["artifacts"]
+    assert {"student", "student_onnx"} <= set(arts)
+    quantized = [v for v, a in arts.items() if a["parent"] in ("student_onnx", "student_onnx_opt") and a["lossy"]]
+    assert quantized, "the student went through quantization"
+    for v in ("student_onnx", *quantized):
+        assert run.lineage(v)[-1] == "torch"  # every student variant traces back to the teacher
+    assert "distilled student (gru)" in r.output and run.manifest["selected"] in arts
+    teacher_pairs = [p for p in run.manifest["parity"] if p["reference"] == "torch" and p["candidate"] == "student_onnx"]
+    assert teacher_pairs and teacher_pairs[0]["max_accuracy_drop"] == 1.5
