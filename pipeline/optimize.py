@@ -8,11 +8,13 @@ redone for whatever CPU serves the model. Parity against the parent is checked l
 tolerances over the shape grid."""
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .atomic import atomic_path
+from .attention import fold_file
 from .errors import ArtifactError, ConfigError, ParityError
 from .parity import shape_grid, tensor_parity
 from .runfolder import Artifact, Run
@@ -35,6 +37,7 @@ ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 class OptimizeConfig:
     level: str = "extended"          # the level the saved file is optimized at
     load_level: str = "all"          # the level sessions apply when they load the file
+    fold_attention: bool = True      # fold head split/merge layout ops into the Attention op (pipeline.attention)
     atol: float = 1e-4
     rtol: float = 1e-3
     batches: tuple[int, ...] = (1, 7, 64)
@@ -97,9 +100,13 @@ def optimize(run: Run, cfg: OptimizeConfig, *, source: str = "onnx", variant: st
     src = run.path(source)
     out = run.root / f"{variant}.onnx"
     spec, model_cfg = run.spec, run.model_config()
-    with atomic_path(out) as tmp:
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-opt-") as work, atomic_path(out) as tmp:
+        start, folds = src, 0
+        if cfg.fold_attention:
+            folds = fold_file(src, Path(work) / "folded.onnx")
+            start = Path(work) / "folded.onnx" if folds else src
         # ORT writes the graph it built at `level` to optimized_model_filepath when the session is created.
-        make_session(src, device="cpu", opt_level=cfg.level, optimized_model_path=tmp)
+        make_session(start, device="cpu", opt_level=cfg.level, optimized_model_path=tmp)
         if tmp.stat().st_size == 0:
             raise ArtifactError(f"ONNX Runtime did not write an optimized model for {src}")
         reference = make_session(src, device="cpu", opt_level="disable")   # the graph as exported
@@ -115,7 +122,7 @@ def optimize(run: Run, cfg: OptimizeConfig, *, source: str = "onnx", variant: st
     if getattr(model_cfg, "heads", 0) and summary["attention_nodes"] == 0:
         report.notes.append("the model has attention but the optimized graph has no Attention node: "
                             "attention runs as separate MatMul/Softmax nodes")
-    extra = {"saved_level": cfg.level, "load_level": cfg.load_level, **summary,
+    extra = {"saved_level": cfg.level, "load_level": cfg.load_level, "attention_layout_folds": folds, **summary,
              "ops_before": before, "ops_after": after}
     result = run.add_artifact(variant, out.name, stage="optimize", parent=source, config=asdict(cfg),
                               opset=opset, extra=extra, save=False)

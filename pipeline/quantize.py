@@ -28,6 +28,7 @@ import numpy as np
 import models  # noqa: F401  must come before onnxruntime.transformers, whose folder (on sys.path) holds another `models`
 
 from .atomic import atomic_path
+from .attention import fold_file
 from .budget import COMPUTE_OPS, Budget, fit_budget, node_errors, verdict_line
 from .data import Dataset
 from .errors import ArtifactError, ConfigError, DataError
@@ -291,6 +292,9 @@ def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, sour
     if len(names) != 1:
         raise ConfigError(f"quantize feeds the data split to one model input; {source} has {len(names)}: {names}")
     calib, calib_idx = calibration_samples(ds, cfg.calib_samples, cfg.seed)
+    folds = fold_file(src, workdir / "folded.onnx")   # lossless; every mode starts from the leaner graph
+    if folds:
+        src = workdir / "folded.onnx"
     pre, how = (src, "not needed (fp16)") if mode == "fp16" else preprocess(src, workdir)
     float_model, build = _builder(mode, cfg, family, src, pre, workdir, calib)
 
@@ -325,6 +329,7 @@ def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, sour
     extra = {
         "budget": cfg.budget.to_json(),
         "preprocess": how,
+        "attention_layout_folds": folds,
         "op_types": (DYNAMIC_OPS[family] if mode == "dynamic" else STATIC_OPS[family] if mode == "static" else []),
         "int8_nodes": int8_nodes,
         "fp16_initializers": count_fp16_initializers(out) if mode == "fp16" else None,

@@ -38,6 +38,9 @@ def test_transformer_keeps_native_attention_and_counts_fusions(copy_of):
     layers = run.model_config().layers
     assert art.extra["attention_nodes"] == layers
     assert art.extra["ops_after"].get("Attention") == layers
+    # The head split/merge layout ops are folded into the 3-D Attention op (pipeline.attention).
+    assert art.extra["attention_layout_folds"] == layers
+    assert "Transpose" not in art.extra["ops_after"] and art.extra["ops_before"]["Transpose"] == 4 * layers
     assert art.extra["fused_total"] >= 1 and sum(art.extra["fused_nodes"].values()) == art.extra["fused_total"]
 
 
@@ -45,6 +48,17 @@ def test_cnn_convs_fuse_with_their_relus(copy_of):
     art = optimize(Run.open(copy_of("cnn")), OptimizeConfig())
     assert art.extra["fused_nodes"].get("com.microsoft.FusedConv") == 3
     assert "Relu" not in art.extra["ops_after"] or art.extra["ops_after"]["Relu"] < art.extra["ops_before"]["Relu"]
+
+
+def test_attention_fold_leaves_other_graphs_alone(tiny_run):
+    import onnx
+
+    from pipeline.attention import fold_attention_layout
+
+    for model in ("cnn", "lstm"):
+        graph = onnx.load(str(Run.open(tiny_run(model)).path("onnx")))
+        before = [n.op_type for n in graph.graph.node]
+        assert fold_attention_layout(graph) == 0 and [n.op_type for n in graph.graph.node] == before
 
 
 def test_fusion_summary_counts_only_new_fused_ops():

@@ -61,6 +61,8 @@ def test_every_family_gets_every_mode(copy_of, model, tmp_path, monkeypatch):
     if model == "transformer":  # symbolic shape inference fails; the native Attention op stays float
         assert run.artifact("int8_static").extra["preprocess"].startswith("skip_symbolic_shape")
         assert dyn.get("Attention") == run.model_config().layers and "QAttention" not in dyn
+        assert all(run.artifact(v).extra["attention_layout_folds"] == run.model_config().layers
+                   for v in ("int8_dynamic", "int8_static", "fp16"))
     if model == "cnn":
         assert dyn.get("ConvInteger") == 3 and run.artifact("int8_static").extra["size_ratio"] <= 0.35
 
