@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,64")
     p.add_argument("--runs", type=int, default=10, help="timed rounds per set (each times 2 calls per variant)")
     p.add_argument("--repeats", type=int, default=3, help="independent interleaved sets per cell")
+    p.add_argument("--no-int8-types", dest="int8_types", action="store_false",
+                   help="skip timing static S8S8 against U8S8 on the base models")
     p.add_argument("--write", action="store_true", help="rewrite this script's section of benchmarks/RESULTS.md")
     return p.parse_args(argv)
 
@@ -88,6 +90,41 @@ def measure(root: Path, threads: int, batches: list[int], args) -> dict:
             out[str(b)] = {"sets": sets}
     finally:
         torch.set_num_threads(saved)
+    return out
+
+
+def measure_int8_pairs(root: Path, threads: int, batches: list[int], args) -> dict:
+    """Static INT8 with U8S8 (the run's int8_static) against S8S8 (built here in a scratch copy), and FP32:
+    on x86 without VNNI, S8S8 GEMMs are several times slower than U8S8; this records what this CPU does."""
+    import shutil
+    import tempfile
+
+    from pipeline.data import reload_dataset
+    from pipeline.quantize import QuantizeConfig, quantize
+    from pipeline.runfolder import Run
+    from pipeline.timing import time_interleaved
+    from pipeline.variants import load_predictor
+
+    run = Run.open(root)
+    if not run.has("int8_static"):
+        return {}
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-s8s8-") as tmp:
+        copy = Path(shutil.copytree(root, Path(tmp) / root.name))
+        scratch = Run.open(copy)
+        cfg = QuantizeConfig(mode="static", activation_type="int8", max_accuracy_drop=100.0, min_agreement=0.0)
+        quantize(scratch, cfg, reload_dataset(scratch.manifest["dataset"]))
+        fns = {"fp32": load_predictor(run, "onnx", threads=threads, spinning=False),
+               "u8s8": load_predictor(run, "int8_static", threads=threads, spinning=False),
+               "s8s8": load_predictor(scratch, "int8_static", threads=threads, spinning=False)}
+        out = {}
+        for b in batches:
+            x = [t.numpy() for t in run.spec.example_inputs(run.model_config(), batch=b)]
+            sets = [{k: v.p50 for k, v in time_interleaved({n: (lambda f=f: f(*x)) for n, f in fns.items()}, batch=b,
+                                                           warmup=3, runs=args.runs, block=3).items()}
+                    for _ in range(args.repeats)]
+            out[str(b)] = {"sets": sets, "s8s8_vs_u8s8": ratio_stats(sets, "s8s8", "u8s8"),
+                           "u8s8_vs_fp32": ratio_stats(sets, "fp32", "u8s8")}
+        del fns
     return out
 
 
@@ -180,6 +217,17 @@ def markdown(results: list[dict], command: str, threads: list[int], batches: lis
             if not info.get("recorded"):
                 lines.append(f"| {r['model']} ({r['size']}) | {v} | - | - | - | - | - | - | " + " | ".join("-" for _ in tcols)
                              + f" | | not kept: {info.get('reason')} |")
+    pair_lines = []
+    for r in results:
+        for t, per_batch in (r.get("int8_types") or {}).items():
+            for b, cell in per_batch.items():
+                a, u = cell["s8s8_vs_u8s8"], cell["u8s8_vs_fp32"]
+                pair_lines.append(f"| {r['model']} ({r['size']}) | {t} | {b} | {u['median']:.2f}x ({u['min']:.2f}..{u['max']:.2f}) "
+                                  f"| {a['median']:.2f}x ({a['min']:.2f}..{a['max']:.2f}) |")
+    if pair_lines:
+        lines += ["", "### Static INT8 types: U8S8 vs S8S8 (same calibration, interleaved)", "",
+                  "| model | threads | batch | U8S8 speed-up over FP32 | S8S8 time / U8S8 time |", "|---|---|---|---|---|",
+                  *pair_lines]
     lines += ["", "### Transformer graph after `onnxpipe optimize` (saved at extended, `all` applied at load)", ""]
     for r in results:
         if r["model"] == "transformer":
@@ -221,7 +269,12 @@ def main(argv=None) -> int:
         for t in threads:
             print(f"[time] {model} {size}: {t} thread(s), batches {batches}", file=sys.stderr, flush=True)
             timings[str(t)] = measure(root, t, batches, args)
-        results.append(summarize(root, timings) | {"timings": timings})
+        pairs = {}
+        if size == "base" and args.int8_types:
+            for t in threads:
+                print(f"[time] {model} {size}: U8S8 vs S8S8, {t} thread(s)", file=sys.stderr, flush=True)
+                pairs[str(t)] = measure_int8_pairs(root, t, batches, args)
+        results.append(summarize(root, timings) | {"timings": timings, "int8_types": pairs})
     command = "python benchmarks/compression.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     text = markdown(results, command.strip(), threads, batches)
     args.out.mkdir(parents=True, exist_ok=True)
