@@ -123,7 +123,7 @@ def bench(run: Run, cfg: BenchConfig, *, log: Callable[[str], None] | None = Non
     providers: dict[str, list[str]] = {}
     try:
         for threads in cfg.thread_counts():
-            say(f"finding the matmul sizes where the kernels peak at {threads} thread(s)")
+            say(f"machine limits at {threads} thread(s): matmul sizes where the kernels peak (scanned once per process)")
             scan = peak_for(threads, cfg.device)
             probes = limit_probes(threads, device=cfg.device, fp32_sizes=(scan.fp32_size,),
                                   int8_sizes=(scan.int8_size,) if scan.int8_size else ())

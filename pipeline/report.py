@@ -170,23 +170,33 @@ def plot_accuracy_vs_latency(run: Run, table: dict, label: str) -> Figure | None
     if not points_by_batch:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     fig, axes = plt.subplots(1, len(points_by_batch), figsize=(5.2 * len(points_by_batch), 4.2), squeeze=False)
     biggest = max(run.artifact(v).bytes for v in run.variants())
     for ax, (batch, pts) in zip(axes[0], points_by_batch.items()):
         front = pareto_front(pts)
-        for v, lat, acc in pts:
+        for k, (v, lat, acc) in enumerate(sorted(pts, key=lambda p: p[1])):
             area = 40 + 600 * run.artifact(v).bytes / biggest
             ax.scatter(lat, acc, s=area, alpha=0.55, color="tab:red" if v in front else "tab:blue",
                        edgecolors="black" if v == run.manifest.get("selected") else "none", linewidths=1.5)
-            ax.annotate(v, (lat, acc), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            # Neighbours in latency often tie in accuracy: stagger their labels so they stay readable.
+            ax.annotate(v, (lat, acc), textcoords="offset points", xytext=(4, 6 + 10 * (k % 4)), fontsize=7,
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "gray"})
         fp = sorted((lat, acc) for v, lat, acc in pts if v in front)
         ax.step([p[0] for p in fp], [p[1] for p in fp], where="post", color="tab:red", lw=1, label="Pareto front")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        accs = [p[2] for p in pts]
+        ax.set_ylim(min(accs) - 0.01, max(accs) + 0.012)
+        ax.margins(x=0.25)
         ax.set_xlabel(f"median latency, batch {batch} (ms, log)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"batch {batch} ({label})")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
     return Figure("accuracy_vs_latency.png", _png(fig),
                   "Accuracy vs median latency. Red: the Pareto front (no variant is both faster and more accurate); "
                   "marker area ~ file size; black edge: the selected variant.")
