@@ -463,22 +463,22 @@ def import_cmd(
     run_dir: Annotated[Optional[Path], typer.Option("--run", help="Run folder (default exports/<file stem>).")] = None,
     seed: SeedOpt = 0,
     limit: LimitOpt = None,
-    stages: Annotated[Optional[str], typer.Option("--stages", help="Pipeline stages to run after the import, e.g. "
-                                                  "verify (comma-separated; train and export do not apply).")] = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help="Pipeline stages to run after the import: 'all' "
+                                                  "(those that apply) or a list, e.g. optimize,quantize,verify,select.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Make a run folder around an ONNX model (variant `onnx` is the root), ready for optimize, quantize, verify, serve."""
-    from .importer import import_onnx
+    from .importer import import_onnx, stages_for_import
     from .orchestrate import Context, run_stages
 
+    names = stages_for_import(stages) if stages else []  # a bad stage name stops us before the import
     root = run_dir or Path("exports") / model_file.stem
     run = import_onnx(model_file, root, data=data, seed=seed, limit=limit, force=force)
     acc = run.metrics("onnx").get("accuracy")
     typer.echo(f"imported {model_file} -> {run.path('onnx')} (opset {run.artifact('onnx').opset}"
                + (f", test accuracy {acc:.4f}" if acc is not None else ", no data: pass --data for accuracy") + ")")
-    if stages:
-        names = [s.strip() for s in stages.split(",") if s.strip()]
+    if names:
         run_stages(run, Context(data=data or "digits", seed=seed, limit=limit, progress=not quiet), names,
                    on_stage=None if quiet else lambda m, s: typer.echo(f"[{m}] {s}", err=True))
         _summary(run)

@@ -204,12 +204,12 @@ def _spawned(rank: int, size: int, init_method: str, job: Job, errors) -> None:
 def spawn_training(job: Job, nproc: int) -> None:
     """Train on this machine with `nproc` processes, rendezvous on a free localhost port."""
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
     from . import errors as error_types
-
-    check_device(job.device, nproc)
     from .train import CHECKPOINT
 
+    check_device(job.device, nproc)
     if job.resume and not (Path(job.root) / CHECKPOINT).is_file():  # say so before starting any process
         raise RunFolderError(f"nothing to resume: no checkpoint at {Path(job.root) / CHECKPOINT}")
     ctx = mp.get_context("spawn")
@@ -218,9 +218,10 @@ def spawn_training(job: Job, nproc: int) -> None:
     try:
         mp.start_processes(_spawned, args=(nproc, init_method, job, errors), nprocs=nproc, join=True,
                            start_method="spawn")
-    except mp.ProcessExitedException:
+    except ProcessException:
         if errors.empty():
             raise
+        # The user's error, not the others' reaction to that rank's exit (e.g. a broken gloo connection).
         name, message = errors.get()
         raise getattr(error_types, name, OnnxpipeError)(message) from None
 

@@ -28,6 +28,26 @@ DATA_FILE = "model.onnx.data"
 INLINE_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB cap, with room for the graph itself
 DTYPES = {1: "float32", 7: "int64", 10: "float16"}
 BATCH_CHECK_ROWS = 7
+# Pipeline stages that need the PyTorch model, which an imported run does not have.
+TORCH_STAGES = ("train", "export", "distill", "explain")
+
+
+def stages_for_import(requested: str) -> list[str]:
+    """`--stages` of `onnxpipe import`: 'all' (every stage that applies) or a comma-separated list."""
+    from .orchestrate import STAGES
+
+    names = [n for n, _ in STAGES]
+    if requested.strip() == "all":
+        return [n for n in names if n not in TORCH_STAGES]
+    wanted = [s.strip() for s in requested.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in names]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(names)}")
+    torch_only = [s for s in wanted if s in TORCH_STAGES]
+    if torch_only:
+        raise ConfigError(f"stage(s) {', '.join(torch_only)} need the PyTorch model, which an imported ONNX run "
+                          f"does not have; stages that apply: {', '.join(n for n in names if n not in TORCH_STAGES)}")
+    return wanted
 
 
 # --- external data ----------------------------------------------------------------------------------------

@@ -169,6 +169,8 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     r = runner.invoke(app, ["import", str(tmp_path / "mm.onnx"), "--run", str(tmp_path / "c"), "--data", "digits"])
     assert r.exit_code == 1 and "--data gives one image or sequence input" in r.output
     assert not os.path.exists(tmp_path / "c")
+    r = runner.invoke(app, ["import", str(tmp_path / "mm.onnx"), "--run", str(tmp_path / "c"), "--stages", "quantize,explain"])
+    assert r.exit_code == 1 and "explain need the PyTorch model" in r.output and not os.path.exists(tmp_path / "c")
     # a good one, for contrast, leaves a run folder whose manifest parses
     r = runner.invoke(app, ["import", str(tmp_path / "mm.onnx"), "--run", str(tmp_path / "d")])
     assert r.exit_code == 0, r.output
