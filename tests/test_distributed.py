@@ -1,8 +1,9 @@
 """`onnxpipe train --nproc N`: DDP over gloo on the CPU.
 
-Two processes with the same global batch and seed follow the single-process run (same shuffles, the
-same augmentation, the gradient of the same global-batch mean), only rank 0 writes, and a run killed
-mid-training resumes from its checkpoint's epoch and ends where the uninterrupted run ended."""
+One 2-process run, killed after its first checkpoint and resumed with --resume, must end where the
+single-process run with the same global batch and seed ends (same shuffles, the same augmentation,
+the gradient of the same global-batch mean; optimizer and schedule restored from the checkpoint),
+and only rank 0 may have written."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.distributed import Job, spawn_training
 from pipeline.orchestrate import prepare_run
 from pipeline.runfolder import Run
 from pipeline.train import TrainConfig, train
@@ -38,74 +38,69 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The same training in one process and in two (gloo)."""
-    base = tmp_path_factory.mktemp("ddp")
-    single, ds = prepare_run("cnn", base / "single", limit=LIMIT)
-    train(single, TRAIN, ds, progress=False)
-    ddp, _ = prepare_run("cnn", base / "ddp", limit=LIMIT)
-    spawn_training(Job(str(ddp.root), TRAIN, False, "cpu", False, ds), nproc=2)
-    return single.root, ddp.root
-
-
-def test_two_processes_follow_one_process(runs):
-    single, ddp = (Run.open(r) for r in runs)
-    assert single.manifest["training"]["processes"] == 1 and ddp.manifest["training"]["processes"] == 2
-    acc1, acc2 = single.metrics("torch")["accuracy"], ddp.metrics("torch")["accuracy"]
-    assert acc1 > 0.7  # it learned something, so the comparison means something
-    assert abs(acc1 - acc2) <= 0.02, (acc1, acc2)
-    for h1, h2 in zip(single.manifest["training"]["history"], ddp.manifest["training"]["history"], strict=True):
-        assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-3, abs=1e-4)
-        assert abs(h2["val_accuracy"] - h1["val_accuracy"]) <= 0.02
-    # Same shuffles, same augmentation, same global-batch gradient: the weights differ by float rounding only.
-    assert max_weight_diff(single.root, ddp.root) < 1e-3
-
-
-def test_only_rank_zero_writes(runs):
-    _, ddp = runs
-    files = sorted(str(p.relative_to(ddp)) for p in ddp.rglob("*") if p.is_file())
-    assert files == ["checkpoints/last.pt", "manifest.json", "model.pt"]
-    ck = torch.load(ddp / "checkpoints" / "last.pt", weights_only=True)
-    assert ck["epoch"] == TRAIN.epochs and len(ck["history"]) == TRAIN.epochs
-
-
-def test_killed_run_resumes_from_its_checkpoint(runs, tmp_path):
-    """Kill a 2-process run after its first checkpoint; --resume continues from that epoch to the same end."""
-    _, uninterrupted = runs
-    root = tmp_path / "killed"
-    config = tmp_path / "train.json"
-    config.write_text(json.dumps({"train": {"augment_shift": TRAIN.augment_shift}}))
-    ckpt = root / "checkpoints" / "last.pt"
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "cnn", "--run", str(root), "--nproc", "2",
-           "--config", str(config), *CLI_TRAIN]
+def kill_after_first_checkpoint(cmd: list[str], ckpt: Path) -> int:
+    """Start `cmd` in its own process group, SIGKILL the group (launcher and ranks) as soon as the
+    checkpoint appears; returns the epoch the checkpoint holds."""
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks: one process group
+        os.killpg(proc.pid, signal.SIGKILL)
         out = proc.communicate()[0].decode()
     assert ckpt.exists(), f"no checkpoint was written:\n{out}"
-    done = torch.load(ckpt, weights_only=True)["epoch"]
-    assert 1 <= done < TRAIN.epochs, f"the run finished (epoch {done}) before it could be killed"
-    assert not (root / "model.pt").exists()
+    return torch.load(ckpt, weights_only=True)["epoch"]
 
-    result = CliRunner().invoke(app, ["train", "cnn", "--run", str(root), "--nproc", "2", "--resume",
-                                      "--config", str(config), *CLI_TRAIN])
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(single-process run, 2-process run killed after epoch k and resumed, k)."""
+    base = tmp_path_factory.mktemp("ddp")
+    single, ds = prepare_run("cnn", base / "single", limit=LIMIT)
+    train(single, TRAIN, ds, progress=False)
+
+    ddp = base / "ddp"
+    config = base / "train.json"
+    config.write_text(json.dumps({"train": {"augment_shift": TRAIN.augment_shift}}))
+    cli = ["train", "cnn", "--run", str(ddp), "--nproc", "2", "--config", str(config), *CLI_TRAIN]
+    killed_at = kill_after_first_checkpoint([sys.executable, "-m", "pipeline.cli", *cli], ddp / "checkpoints" / "last.pt")
+    assert not (ddp / "model.pt").exists()
+    result = CliRunner().invoke(app, [*cli, "--resume"])
     assert result.exit_code == 0, result.output
-    resumed = Run.open(root)
-    t = resumed.manifest["training"]
-    assert t["resumed_from_epoch"] == done and t["processes"] == 2
+    return single.root, ddp, killed_at
+
+
+def test_killed_run_resumes_from_its_checkpoint(runs):
+    _, ddp, killed_at = runs
+    assert 1 <= killed_at < TRAIN.epochs, f"the run finished (epoch {killed_at}) before it could be killed"
+    t = Run.open(ddp).manifest["training"]
+    assert t["resumed_from_epoch"] == killed_at and t["processes"] == 2
     assert [h["epoch"] for h in t["history"]] == [1, 2, 3]
-    # Per-epoch seeded shuffles and the saved optimizer/scheduler state: resuming changes nothing.
-    assert t["history"] == Run.open(uninterrupted).manifest["training"]["history"]
-    assert resumed.metrics("torch")["accuracy"] == Run.open(uninterrupted).metrics("torch")["accuracy"]
-    assert max_weight_diff(root, uninterrupted) < 1e-5
 
 
-def test_user_errors_in_ranks_reach_the_command_line(tmp_path):
+def test_two_processes_follow_one_process(runs):
+    single, ddp = (Run.open(r) for r in runs[:2])
+    assert single.manifest["training"]["processes"] == 1
+    acc1, acc2 = single.metrics("torch")["accuracy"], ddp.metrics("torch")["accuracy"]
+    assert acc1 > 0.7  # it learned something, so the comparison means something
+    assert abs(acc1 - acc2) <= 0.02, (acc1, acc2)
+    for h1, h2 in zip(single.manifest["training"]["history"], ddp.manifest["training"]["history"], strict=True):
+        assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-3, abs=1e-4)
+        assert abs(h2["val_accuracy"] - h1["val_accuracy"]) <= 0.02
+    # Same shuffles, same augmentation, same global-batch gradient, exact resume: float rounding only.
+    assert max_weight_diff(single.root, ddp.root) < 1e-3
+
+
+def test_only_rank_zero_writes(runs):
+    _, ddp, _ = runs
+    files = sorted(str(p.relative_to(ddp)) for p in ddp.rglob("*") if p.is_file())
+    assert files == ["checkpoints/last.pt", "manifest.json", "model.pt"]
+    ck = torch.load(ddp / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["epoch"] == TRAIN.epochs and len(ck["history"]) == TRAIN.epochs
+
+
+def test_user_errors_reach_the_command_line(tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["train", "cnn", "--nproc", "2", "--device", "cuda", "--run", str(tmp_path / "x")])
     assert r.exit_code == 1
