@@ -80,6 +80,13 @@ def _torch_empty_call() -> Callable[[], object]:
     return call
 
 
+def _load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (None where the OS has none)."""
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def _cell(lat, flops, peak, overhead_ms: float, reference_p50: float | None) -> dict:
     cell = lat.to_json()
     cell["speedup_vs_torch"] = reference_p50 / lat.p50 if reference_p50 and lat.p50 > 0 else None
@@ -118,6 +125,7 @@ def bench(run: Run, cfg: BenchConfig, *, log: Callable[[str], None] | None = Non
     import torch  # torch variants and the reference share the process-wide intra-op pool
 
     saved_threads = torch.get_num_threads()
+    load_before = _load_average()
     latency: dict[str, dict[str, dict[str, dict]]] = {v: {} for v in variants}
     limits: dict[str, dict] = {}
     providers: dict[str, list[str]] = {}
@@ -178,6 +186,8 @@ def bench(run: Run, cfg: BenchConfig, *, log: Callable[[str], None] | None = Non
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": asdict(cfg) | {"threads": list(cfg.thread_counts()), "batches": list(cfg.batches)},
         "variants": variants, "machine": machine_info(), "limits": limits,
+        # Other processes' load: a multi-thread cell on cores that were busy says more about them than the model.
+        "load_average": {"before": load_before, "after": _load_average()},
         "method": "interleaved rounds, warm-up discarded, monotonic clock, ORT spinning off; median per cell",
     }
     run.save()
