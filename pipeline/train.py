@@ -32,6 +32,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     patience: int = 8          # epochs without a better validation accuracy before stopping
     augment_shift: int = 0     # random +/- pixel shifts for image models (0 = off)
+    mixup: float = 0.0         # Beta(a, a) mixing of input pairs (0 = off); labels mix with the same weight
     seed: int = 0
     threads: int | None = None
 
@@ -84,6 +85,15 @@ def _shift(batch: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Ten
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
     bg = batch.amin(dim=(1, 2, 3), keepdim=True)
     return F.grid_sample(batch - bg, grid, align_corners=False, padding_mode="zeros") + bg
+
+
+def _mixup_draw(a: float, n: int, g: torch.Generator) -> tuple[float, torch.Tensor]:
+    """A mixing weight from Beta(a, a), folded to >= 0.5 so the first label dominates, and a partner order.
+
+    Drawn from the epoch's generator so that a resumed run mixes exactly as the uninterrupted one."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    lam = float(np.random.default_rng(seed).beta(a, a))
+    return max(lam, 1.0 - lam), torch.randperm(n, generator=g)
 
 
 def evaluate_sharded(model: nn.Module, x: np.ndarray, y: np.ndarray, world: World) -> float:
@@ -142,13 +152,20 @@ def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, *, checkpoint: Path | N
             xb, yb = x_train[idx], y_train[idx]
             if cfg.augment_shift and xb.ndim == 4:
                 xb = _shift(xb, cfg.augment_shift, g)  # the whole global batch: g stays in step on every rank
+            lam, yb_mix = 1.0, yb
+            if cfg.mixup > 0:
+                lam, partner = _mixup_draw(cfg.mixup, len(idx), g)
+                xb, yb_mix = lam * xb + (1 - lam) * xb[partner], yb[partner]
             mine = world.share(len(idx))
             n_local = len(yb[mine])
             # A rank left without rows (last batch shorter than the world) still joins DDP's
             # all-reduce: it runs one row with weight 0.
-            xb, yb = (xb[mine], yb[mine]) if n_local else (xb[:1], yb[:1])
-            xb, yb = xb.to(world.device), yb.to(world.device)
-            loss = loss_fn(net(xb), yb, xb)
+            xb, yb, yb_mix = (xb[mine], yb[mine], yb_mix[mine]) if n_local else (xb[:1], yb[:1], yb_mix[:1])
+            xb, yb, yb_mix = xb.to(world.device), yb.to(world.device), yb_mix.to(world.device)
+            logits = net(xb)
+            loss = loss_fn(logits, yb, xb)
+            if lam < 1.0:  # mixed inputs: the loss mixes over both label sets with the same weight
+                loss = lam * loss + (1 - lam) * loss_fn(logits, yb_mix, xb)
             opt.zero_grad(set_to_none=True)
             (loss * world.loss_scale(n_local, len(idx)) if world.distributed else loss).backward()
             opt.step()

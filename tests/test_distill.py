@@ -90,3 +90,22 @@ def test_distill_command_runs_student_through_compression_and_selection(copy_of)
     assert "distilled student (gru)" in r.output and run.manifest["selected"] in arts
     teacher_pairs = [p for p in run.manifest["parity"] if p["reference"] == "torch" and p["candidate"] == "student_onnx"]
     assert teacher_pairs and teacher_pairs[0]["max_accuracy_drop"] == 1.5
+
+
+def test_mixup_draw_is_seeded_and_folded():
+    import torch
+
+    from pipeline.train import _mixup_draw
+
+    a = [_mixup_draw(0.4, 16, torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert a[0][0] == a[1][0] and torch.equal(a[0][1], a[1][1])
+    lams = [_mixup_draw(0.4, 4, torch.Generator().manual_seed(s))[0] for s in range(50)]
+    assert all(0.5 <= x <= 1.0 for x in lams) and len(set(lams)) > 40
+
+
+def test_distill_with_mixup_records_it(copy_of):
+    run = Run.open(copy_of("lstm"))
+    ds = reload_dataset(run.manifest["dataset"])
+    distill(run, DistillConfig(epochs=2, mixup=0.4, scratch_baseline=False), ds, progress=False)
+    d = run.manifest["distillation"]
+    assert d["mixup"] == 0.4 and d["train"]["mixup"] == 0.4 and d["distilled_accuracy"] > 0.2
