@@ -298,8 +298,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             bench_s = round(time.monotonic() - t0, 1)
             if not args.no_report:
+                from pipeline.data import reload_dataset
+                from pipeline.divergence import record_node_divergence
                 from pipeline.report import write_report
 
+                record_node_divergence(run, reload_dataset(run.manifest["dataset"]))
                 write_report(run)
             runs.append({**summarize_run(run, model, size, build_s, bench_s), **entry})
     results = {

@@ -639,12 +639,22 @@ def bench_cmd(
 
 @app.command("report")
 @user_errors
-def report_cmd(run_dir: RunArg) -> None:
+def report_cmd(
+    run_dir: RunArg,
+    divergence: Annotated[bool, typer.Option("--divergence/--no-divergence", help="Measure the per-node divergence "
+                                             "of quantized variants where the manifest lacks it (64 training samples).")] = True,
+) -> None:
     """Write report.html (self-contained, opens offline) and report.md into the run folder."""
     from .report import write_report
     from .runfolder import Run
 
-    page, md = write_report(Run.open(run_dir))
+    run = Run.open(run_dir)
+    if divergence:
+        from .data import reload_dataset
+        from .divergence import record_node_divergence
+
+        record_node_divergence(run, reload_dataset(run.manifest["dataset"]))
+    page, md = write_report(run)
     typer.echo(f"report: {page} (and {md.name})")
 
 

@@ -160,8 +160,10 @@ def stage_explain(run: Run, ctx: Context) -> None:
 
 
 def stage_report(run: Run, ctx: Context) -> None:
+    from .divergence import record_node_divergence
     from .report import write_report
 
+    record_node_divergence(run, ctx.data_for(run))  # the per-node chart of quantized variants
     write_report(run)  # report.html + report.md in the run folder; `onnxpipe run` prints the path
 
 

@@ -111,7 +111,8 @@ def node_divergence(run: Run, variant: str) -> tuple[str, list[tuple[str, float]
     art = run.artifact(variant)
     candidates = [(p.get("nodes") or p.get("node_divergence"), "parity check") for p in run.manifest.get("parity", [])
                   if p.get("candidate") == variant]
-    candidates += [(art.extra.get("node_divergence"), "quantizer"), (run.metrics(variant).get("node_divergence"), "metrics"),
+    candidates += [(art.extra.get("node_divergence"), "quantizer"),
+                   (run.metrics(variant).get("node_divergence"), run.metrics(variant).get("node_divergence_source", "metrics")),
                    (art.extra.get("excluded_nodes"), "nodes kept in FP32, ranked on the fully quantized build")]
     for data, source in candidates:
         if not data:
@@ -308,6 +309,9 @@ def build_report(run: Run) -> Report:
             rep.figure(plot_divergence(v, value_name, items, source))
     elif any(run.artifact(v).lossy for v in run.variants()):
         rep.p("The manifest holds no per-node divergence for the lossy variants.")
+    for v in run.variants():
+        if run.metrics(v).get("node_divergence_error"):
+            rep.p(f"Per-node divergence of {v} could not be measured: {run.metrics(v)['node_divergence_error']}")
 
     _explain_section(rep, run)
     return rep

@@ -132,3 +132,22 @@ def test_cli_report_writes_both_files(copy_of):
     assert res.exit_code == 0 and "report.html" in res.output
     assert (root / REPORT_HTML).is_file() and (root / REPORT_MD).is_file()
     assert "No latency measured yet" in (root / REPORT_MD).read_text()
+
+
+def test_per_node_divergence_of_a_quantized_variant_is_measured_and_charted(copy_of):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from pipeline.data import reload_dataset
+    from pipeline.divergence import record_node_divergence
+
+    run = Run.open(copy_of("cnn"))
+    quantize_dynamic(str(run.path("onnx")), str(run.root / "int8.onnx"), weight_type=QuantType.QInt8)
+    run.add_artifact("int8_dynamic", "int8.onnx", stage="quantize", parent="onnx", lossy=True)
+    assert record_node_divergence(run, reload_dataset(run.manifest["dataset"]), samples=16) == ["int8_dynamic"]
+    rows = run.metrics("int8_dynamic")["node_divergence"]
+    assert rows and {"node", "op", "added_error", "output_error"} <= set(rows[0])
+    assert [r["added_error"] for r in rows] == sorted((r["added_error"] for r in rows), reverse=True)
+    assert any(r["op"] == "Conv" and r["output_error"] > 0 for r in rows)
+    page, md = write_report(run)
+    assert f"{ASSETS}/divergence_int8_dynamic.png" in md.read_text()
+    assert_png((run.root / ASSETS / "divergence_int8_dynamic.png").read_bytes())
