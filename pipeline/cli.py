@@ -304,7 +304,7 @@ def verify_cmd(
     """Parity of every variant against its parent and torch; exit 1 if any check fails."""
     from .data import reload_dataset
     from .runfolder import Run
-    from .verify import VerifyConfig, verify
+    from .verify import VerifyConfig, failures, verify
 
     run = Run.open(run_dir)
     reports = verify(run, VerifyConfig(atol=atol, rtol=rtol, max_accuracy_drop=max_drop,
@@ -313,14 +313,14 @@ def verify_cmd(
     rows = []
     for r in reports:
         rows.append({"reference": r.reference, "candidate": r.candidate, "rule": r.rule,
-                     "passed": "pass" if r else "FAIL", "max_abs": f"{r.max_abs:.2e}",
+                     "passed": "pass" if r else ("over budget" if r.gate else "FAIL"), "max_abs": f"{r.max_abs:.2e}",
                      "agreement": r.agreement, "acc_drop_pt": r.accuracy_drop, "shapes": len({tuple(c.shape) for c in r.checks})})
     print_table(rows, ["reference", "candidate", "rule", "passed", "max_abs", "agreement", "acc_drop_pt", "shapes"],
                 title=f"parity: {run.root}")
-    failed = [r for r in reports if not r]
-    for r in failed:
-        typer.echo(r.summary(), err=True)
-    if failed:
+    for r in reports:
+        if not r:
+            typer.echo(r.summary(), err=True)
+    if failures(reports):
         raise typer.Exit(1)
 
 

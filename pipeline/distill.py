@@ -131,7 +131,7 @@ def distill(run: Run, cfg: DistillConfig, ds: Dataset, *, progress: bool = True)
     art = run.add_artifact(
         "student", STUDENT_FILE, stage="distill", parent="torch", format="torch", lossy=True, config=asdict(cfg),
         extra={"model": spec.name, "model_config": asdict(student_cfg), "params": record["student_params"],
-               "budget": {"max_accuracy_drop": cfg.max_accuracy_drop, "min_agreement": 0.0}},
+               "budget": {"max_accuracy_drop": cfg.max_accuracy_drop, "min_agreement": 0.0, "gate": True}},
         save=False,
     )
     run.manifest["distillation"] = record

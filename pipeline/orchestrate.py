@@ -131,10 +131,10 @@ def stage_select(run: Run, ctx: Context) -> None:
 
 def stage_verify(run: Run, ctx: Context) -> None:
     from .errors import ParityError
-    from .verify import VerifyConfig, verify
+    from .verify import VerifyConfig, failures, verify
 
     reports = verify(run, VerifyConfig(**ctx.options("verify")), ctx.data_for(run))
-    failed = [r for r in reports if not r]
+    failed = failures(reports)
     if failed:
         raise ParityError(failed[0])
 

@@ -42,6 +42,9 @@ class ParityReport:
     max_accuracy_drop: float | None = None  # in points (percent)
     min_agreement: float | None = None
     cosine: float | None = None
+    # A gate budget decides eligibility for `selected` (e.g. a student against its teacher): missing it
+    # keeps the variant out of selection but is not a broken artifact, so it does not fail `verify`.
+    gate: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -76,7 +79,8 @@ class ParityReport:
         return [c for c in self.checks if not c.passed]
 
     def summary(self) -> str:
-        head = f"parity {self.reference} -> {self.candidate} ({self.rule} rule): {'PASS' if self else 'FAIL'}"
+        verdict = "PASS" if self else ("OVER BUDGET (kept, never selected)" if self.gate else "FAIL")
+        head = f"parity {self.reference} -> {self.candidate} ({self.rule} rule): {verdict}"
         lines = [head]
         if self.rule == "tensor":
             lines.append(f"  tolerance atol={self.atol:g} rtol={self.rtol:g}; max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g} "
@@ -104,7 +108,8 @@ class ParityReport:
         else:
             d.update(agreement=self.agreement, reference_accuracy=self.reference_accuracy,
                      candidate_accuracy=self.candidate_accuracy, accuracy_drop=self.accuracy_drop,
-                     max_accuracy_drop=self.max_accuracy_drop, min_agreement=self.min_agreement, cosine=self.cosine)
+                     max_accuracy_drop=self.max_accuracy_drop, min_agreement=self.min_agreement, cosine=self.cosine,
+                     gate=self.gate)
         d["shapes"] = [list(s) for s in d["shapes"]]
         if self.notes:
             d["notes"] = self.notes

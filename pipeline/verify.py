@@ -67,6 +67,11 @@ def path_budget(run: Run, reference: str, candidate: str) -> dict:
     return {}
 
 
+def failures(reports: list[ParityReport]) -> list[ParityReport]:
+    """Checks that make verify fail: everything that did not pass, except a missed selection gate."""
+    return [r for r in reports if not r and not r.gate]
+
+
 def verify(run: Run, cfg: VerifyConfig, ds: Dataset) -> list[ParityReport]:
     """Check every pair, record reports and per-variant test accuracy in the manifest."""
     spec, model_cfg = run.spec, run.model_config()
@@ -82,6 +87,7 @@ def verify(run: Run, cfg: VerifyConfig, ds: Dataset) -> list[ParityReport]:
             rep = task_parity(ref, cand, logits[ref], logits[cand], ds.y_test,
                               max_accuracy_drop=budget.get("max_accuracy_drop", cfg.max_accuracy_drop),
                               min_agreement=budget.get("min_agreement", cfg.min_agreement))
+            rep.gate = bool(budget.get("gate"))
         else:
             rep = tensor_parity(ref, cand, fns[ref], fns[cand], grid, atol=cfg.atol, rtol=cfg.rtol,
                                 output_names=spec.output_names)

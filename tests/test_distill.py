@@ -109,3 +109,21 @@ def test_distill_with_mixup_records_it(copy_of):
     distill(run, DistillConfig(epochs=2, mixup=0.4, scratch_baseline=False), ds, progress=False)
     d = run.manifest["distillation"]
     assert d["mixup"] == 0.4 and d["train"]["mixup"] == 0.4 and d["distilled_accuracy"] > 0.2
+
+
+def test_student_over_budget_is_kept_but_never_selected(copy_of):
+    """A student that misses its budget against the teacher is a selection gate, not a verify failure."""
+    from pipeline.select import verdict
+    from pipeline.verify import failures
+
+    run = Run.open(copy_of("cnn"))
+    ds = reload_dataset(run.manifest["dataset"])
+    distill(run, DistillConfig(epochs=1, scratch_baseline=False, max_accuracy_drop=0.0, lr=1e-5), ds, progress=False)
+    export(run, ExportConfig(batches=(2,)), source="student", target="student_onnx")
+    reports = verify(run, VerifyConfig(batches=(2,)), ds)
+    gate = next(r for r in reports if (r.reference, r.candidate) == ("torch", "student"))
+    assert not gate and gate.gate and "OVER BUDGET" in gate.summary()
+    assert gate.accuracy_drop > 0.0
+    assert failures(reports) == []  # torch -> onnx and student -> student_onnx still pass
+    ok, why = verdict(run, "student_onnx")
+    assert not ok and "against torch" in why
