@@ -28,7 +28,9 @@ PEAK_TARGET = 0.8
 # (or the variant) slower there than at one thread by more than these factors means other processes held
 # the cores (OpenMP barriers then wait for descheduled threads) and the ratio measures the machine's load.
 TORCH_SLOWDOWN_LIMIT = 1.5
-VARIANT_SLOWDOWN_LIMIT = 3.0
+# ORT variants: at batch 1 waking a non-spinning pool legitimately costs tens of microseconds (up to ~2x on
+# tiny models), so only a larger slowdown counts; at batch 64 more threads must not make a call slower.
+VARIANT_SLOWDOWN_LIMIT = {"1": 3.0, "64": 1.3}
 MEASURE_STAGES = ("bench", "explain", "report")   # this script measures and reports itself
 
 
@@ -117,7 +119,7 @@ def evaluate_targets(summary: dict) -> list[dict]:
                 continue
             x = cell.get("speedup_vs_torch") if cell else None
             unstable = (oversubscribed(variants, "torch", threads, batch, TORCH_SLOWDOWN_LIMIT)
-                        or (oversubscribed(variants, selected, threads, batch, VARIANT_SLOWDOWN_LIMIT) if cell else None))
+                        or (oversubscribed(variants, selected, threads, batch, VARIANT_SLOWDOWN_LIMIT[batch]) if cell else None))
             out.append({"target": f"selected vs torch eager, batch {batch}", "threads": int(threads),
                         "variant": selected, "value": x, "goal": SPEEDUP_TARGET,
                         "met": None if unstable else (x is not None and x >= SPEEDUP_TARGET),
@@ -128,7 +130,7 @@ def evaluate_targets(summary: dict) -> list[dict]:
             cell = (variants["onnx"].get("latency") or {}).get(threads, {}).get("64")
             if cell:
                 frac = cell.get("fraction_of_peak")
-                unstable = oversubscribed(variants, "onnx", threads, "64", VARIANT_SLOWDOWN_LIMIT)
+                unstable = oversubscribed(variants, "onnx", threads, "64", VARIANT_SLOWDOWN_LIMIT["64"])
                 out.append({"target": "ORT FP32 (onnx) at batch 64 vs FP32 matmul peak", "threads": int(threads),
                             "variant": "onnx", "value": frac, "goal": PEAK_TARGET,
                             "met": None if unstable else (frac is not None and frac >= PEAK_TARGET),
@@ -176,8 +178,8 @@ def markdown(results: dict) -> str:
              "per round; ORT thread pools not spinning between calls; medians.",
              "- Ratios are measured side by side within one run's rounds; absolute latencies move with the "
              "machine's load (it is shared). A multi-thread target is *not judged* when torch eager there is "
-             f"> {TORCH_SLOWDOWN_LIMIT}x (or the variant > {VARIANT_SLOWDOWN_LIMIT}x) slower than at 1 thread: "
-             "other processes held the cores.", ""]
+             f"> {TORCH_SLOWDOWN_LIMIT}x (or the variant > {VARIANT_SLOWDOWN_LIMIT['1']}x at batch 1, "
+             f"> {VARIANT_SLOWDOWN_LIMIT['64']}x at batch 64) slower than at 1 thread: other processes held the cores.", ""]
     lines += ["### Runs", "", "| model | size | selected | epochs | best val acc | build s | bench s | load avg 1/5/15 min before bench | after |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
