@@ -161,6 +161,9 @@ def _pyplot():
     return plt
 
 
+LABEL_OFFSETS = ((5, 7), (5, -14), (5, 17), (5, -24))   # points: alternate above / below the marker
+
+
 def plot_accuracy_vs_latency(run: Run, table: dict, label: str) -> Figure | None:
     points_by_batch = {}
     for batch, cells in sorted(table.items()):
@@ -181,16 +184,17 @@ def plot_accuracy_vs_latency(run: Run, table: dict, label: str) -> Figure | None
             area = 40 + 600 * run.artifact(v).bytes / biggest
             ax.scatter(lat, acc, s=area, alpha=0.55, color="tab:red" if v in front else "tab:blue",
                        edgecolors="black" if v == run.manifest.get("selected") else "none", linewidths=1.5)
-            # Neighbours in latency often tie in accuracy: stagger their labels so they stay readable.
-            ax.annotate(v, (lat, acc), textcoords="offset points", xytext=(4, 6 + 10 * (k % 4)), fontsize=7,
-                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "gray"})
+            # Neighbours in latency often tie in accuracy: stagger their labels above and below the point.
+            ax.annotate(v, (lat, acc), textcoords="offset points", xytext=LABEL_OFFSETS[k % len(LABEL_OFFSETS)],
+                        fontsize=7, arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "gray"})
         fp = sorted((lat, acc) for v, lat, acc in pts if v in front)
         ax.step([p[0] for p in fp], [p[1] for p in fp], where="post", color="tab:red", lw=1, label="Pareto front")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         accs = [p[2] for p in pts]
-        ax.set_ylim(min(accs) - 0.01, max(accs) + 0.012)
+        span = max(max(accs) - min(accs), 0.02)
+        ax.set_ylim(min(accs) - 0.3 * span, max(accs) + 0.3 * span)
         ax.margins(x=0.25)
         ax.set_xlabel(f"median latency, batch {batch} (ms, log)")
         ax.set_ylabel("test accuracy")
@@ -211,6 +215,7 @@ def plot_latency_bars(run: Run, tables: dict[str, dict]) -> Figure | None:
     fig, axes = plt.subplots(1, len(tables), figsize=(max(5.0, 1.1 * len(variants) + 3) * len(tables) / 1.4, 4.2),
                              squeeze=False)
     width = 0.8 / max(1, len(variants))
+    colors = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20").colors  # one colour per variant
     for ax, (label, table) in zip(axes[0], tables.items()):
         batches = sorted(table)
         for i, v in enumerate(variants):
@@ -222,7 +227,7 @@ def plot_latency_bars(run: Run, tables: dict[str, dict]) -> Figure | None:
                     p50.append(c["p50_ms"])
                     err[0].append(0.0)
                     err[1].append(max(0.0, c.get("p90_ms", c["p50_ms"]) - c["p50_ms"]))
-            ax.bar(xs, p50, width, yerr=err, capsize=2, label=v)
+            ax.bar(xs, p50, width, yerr=err, capsize=2, label=v, color=colors[i % len(colors)])
         ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
         ax.set_yscale("log")
         ax.set_title(label)
