@@ -82,7 +82,7 @@ def read_config_file(path: Path | None) -> dict:
             data = json.loads(path.read_text())
     except Exception as e:  # json / toml decode errors
         raise ConfigError(f"cannot parse config file {path}: {e}") from None
-    known = {"model", "train", "export", "optimize", "verify", "quantize", "select", "distill", "bench"}
+    known = {"model", "train", "export", "optimize", "verify", "quantize", "select", "distill", "bench", "explain"}
     if not isinstance(data, dict) or set(data) - known:
         raise ConfigError(f"config file {path}: top-level keys must be sections among {', '.join(sorted(known))}")
     return data
@@ -577,12 +577,13 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
     """'1,64' -> (1, 64); a typed ConfigError naming the option for anything else."""
     from .errors import ConfigError
 
+    hint = f"expected comma-separated positive integers, e.g. {option} {'1,64' if option == '--batch' else '1,2'}"
     try:
         values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ConfigError(f"bad {option} {text!r}: expected comma-separated positive integers, e.g. {option} 1,64") from None
+        raise ConfigError(f"bad {option} {text!r}: {hint}") from None
     if not values or min(values) < 1:
-        raise ConfigError(f"bad {option} {text!r}: expected comma-separated positive integers, e.g. {option} 1,64")
+        raise ConfigError(f"bad {option} {text!r}: {hint}")
     return values
 
 
