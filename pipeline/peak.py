@@ -132,33 +132,20 @@ def measure_peak(threads: int, *, device: str = "cpu", sizes: tuple[int, ...] = 
     return peak_from(lat, probes, threads, device)
 
 
-# CPU flags that decide which kernels ONNX Runtime and torch can use.
-KERNEL_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-                "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-
-
 def machine_info() -> dict:
-    """CPU model, the kernel-relevant flags, cores, memory: what a latency number depends on."""
+    """CPU model, its kernel-relevant features (pipeline.cpu), cores, memory: what a latency number depends on."""
     import os
     import platform
 
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and value.strip():
-            model = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
+    from .cpu import cpu_features
+
+    cpu = cpu_features()
     mem_gib = None
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
         mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    return {"cpu": model, "flags": [f for f in KERNEL_FLAGS if f in flags], "logical_cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "memory_gib": mem_gib, "platform": platform.platform()}
+    return {"cpu": cpu["model"], "flags": [name for name, present in cpu["features"].items() if present],
+            "logical_cpus": cpu["logical_cpus"], "usable_cpus": cpu["usable_cpus"], "memory_gib": mem_gib,
+            "platform": platform.platform()}
 
 
 _CACHE: dict[tuple[int, str], Peak] = {}
