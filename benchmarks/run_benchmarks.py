@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BEGIN, END = "<!-- onnxpipe-benchmarks:begin -->", "<!-- onnxpipe-benchmarks:end -->"
+SECTION = "onnxpipe-benchmarks"   # RESULTS.md markers: <!-- onnxpipe-benchmarks:begin --> ... :end -->
 MODELS = ("cnn", "lstm", "gru", "transformer")
 SPEEDUP_TARGET = 1.5
 PEAK_TARGET = 0.8
@@ -168,7 +168,7 @@ def _f(x, fmt: str) -> str:
 
 def markdown(results: dict) -> str:
     m, s = results["machine"], results["settings"]
-    lines = [BEGIN, "", "## Benchmarks: every model against PyTorch eager and against the machine's limit", "",
+    lines = ["## Benchmarks: every model against PyTorch eager and against the machine's limit", "",
              f"Generated {results['created']} in {results['seconds']:.0f} s by:", "", "```bash", results["command"], "```", "",
              f"- Machine: {m['cpu']}, {m['usable_cpus']} usable cores ({m['logical_cpus']} logical), "
              f"{m.get('memory_gib')} GiB; flags: {', '.join(m['flags'])}; {m['platform']}",
@@ -254,22 +254,14 @@ def markdown(results: dict) -> str:
     if failed:
         lines += ["", "### Runs that failed", ""]
         lines += [f"- {r['model']}-{r['size']}: {r['error']}" for r in failed]
-    lines += ["", END]
     return "\n".join(lines)
 
 
 def write_markdown(path: Path, section: str) -> None:
-    """Replace the generated section of RESULTS.md (between the markers), keeping everything else."""
-    from pipeline.atomic import write_bytes
+    """Replace this script's section of RESULTS.md (between its markers), keeping everything else."""
+    from results_md import write_section  # benchmarks/results_md.py, beside this script
 
-    text = path.read_text() if path.is_file() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    write_bytes(path, text.encode())
+    write_section(SECTION, section, path)
 
 
 # --- main -----------------------------------------------------------------------------------------
