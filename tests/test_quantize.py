@@ -193,3 +193,17 @@ def test_budget_rejects_nan_and_quantize_refuses_lossy_source(copy_of):
     quantize(run, QuantizeConfig(mode="fp16", **LOOSE), ds)
     with pytest.raises(ArtifactError, match="FP32 ONNX variant"):
         quantize(run, QuantizeConfig(mode="dynamic"), ds, source="fp16")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "int4"], "unknown quantization mode 'int4'"),
+    (["--mode", "static", "--calib-samples", "0"], "needs calibration data"),
+    (["--max-drop", "-1"], "--max-drop must be >= 0"),
+])
+def test_cli_bad_quantize_arguments_print_one_line_and_exit_1(copy_of, args, message):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["quantize", str(copy_of("cnn")), *args])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
