@@ -57,7 +57,8 @@ def accuracy_over_seeds(model: str, seeds: list[int], args, work: Path) -> list[
         distill(run, DistillConfig(seed=seed, **distill_options(args)), ctx.dataset, progress=False)
         d = run.manifest["distillation"]
         rows.append({"seed": seed, **{k: d[k] for k in ("teacher_accuracy", "distilled_accuracy", "scratch_accuracy",
-                                                          "teacher_params", "student_params", "student_model")}})
+                                                          "teacher_params", "student_params", "student_model",
+                                                          "temperature", "alpha", "mixup")}})
         print(f"{model} seed {seed}: teacher {d['teacher_accuracy']:.4f} distilled {d['distilled_accuracy']:.4f} "
               f"scratch {d['scratch_accuracy']:.4f}", flush=True)
     return rows
@@ -74,8 +75,9 @@ def speed(model: str, args, work: Path) -> dict:
     onnx = [v for v in run.variants() if run.artifact(v).format == "onnx" and lat.get(v)]
     teacher = [v for v in onnx if "student" not in run.lineage(v)]
     student = [v for v in onnx if "student" in run.lineage(v)]
-    passed = {p["candidate"] for p in run.manifest["parity"] if p["reference"] == "torch" and p["passed"]}
-    student_ok = [v for v in student if v in passed]
+    from pipeline.select import verdict
+
+    student_ok = [v for v in student if verdict(run, v)[0]]  # the same eligibility rule as `selected`
     out = {"selected": run.manifest["selected"], "latency_ms": lat,
            "accuracy": {v: run.metrics(v).get("accuracy") for v in onnx}}
     for b in ("1", "64"):
@@ -99,18 +101,19 @@ def markdown(results: dict, command: str) -> str:
              f"Run {results['date']}, {results['seconds']:.0f} s, load average {results['load']}.", "",
              "Accuracy on the digits test split (360 images; one image = 0.28 points), mean over seeds "
              f"{results['seeds']}:", "",
-             "| model | student | params teacher / student | teacher | distilled | scratch | distilled - scratch | distilled >= scratch |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | student | T / alpha / mixup | params teacher / student | teacher | distilled | scratch | distilled - scratch | distilled >= scratch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, r in results["models"].items():
         rows = r["seeds"]
         mean = {k: sum(x[k] for x in rows) / len(rows) for k in ("teacher_accuracy", "distilled_accuracy", "scratch_accuracy")}
         gain = 100 * (mean["distilled_accuracy"] - mean["scratch_accuracy"])
-        lines.append(f"| {m} | {rows[0]['student_model']} | {rows[0]['teacher_params']:,} / {rows[0]['student_params']:,} | "
+        lines.append(f"| {m} | {rows[0]['student_model']} | {rows[0]['temperature']:g} / {rows[0]['alpha']:g} / {rows[0]['mixup']:g} | "
+                     f"{rows[0]['teacher_params']:,} / {rows[0]['student_params']:,} | "
                      f"{mean['teacher_accuracy']:.4f} | {mean['distilled_accuracy']:.4f} | {mean['scratch_accuracy']:.4f} | "
                      f"{gain:+.2f} pt | {'yes' if gain >= 0 else 'no'} |")
     if any("speed" in r for r in results["models"].values()):
-        lines += ["", "Speed (seed 0, p50 from the select stage's interleaved timing; student variants count only "
-                  "if within 1.5 points of the teacher):", "",
+        lines += ["", "Speed (seed 0, p50 from the select stage's interleaved timing; a student variant counts only "
+                  "if it is eligible for `selected`: within 1.5 points of the teacher and passing its own checks):", "",
                   "| model | batch | teacher's fastest ONNX | ms | student's fastest within budget | ms | speedup | >= 2x |",
                   "|---|---|---|---|---|---|---|---|"]
         for m, r in results["models"].items():
@@ -129,14 +132,10 @@ def main(argv=None) -> int:
     import os
 
     import models  # noqa: F401
-    from pipeline.distill import DistillConfig
-
     t0 = time.monotonic()
     seeds = [int(s) for s in args.seeds.split(",")]
-    defaults = DistillConfig()
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(), "seeds": seeds,
-               "settings": {"temperature": defaults.temperature, "alpha": defaults.alpha, "mixup": defaults.mixup,
-                            **distill_options(args)}, "models": {}}
+               "settings": distill_options(args) or "each model's distill_defaults", "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             entry = {"seeds": accuracy_over_seeds(model, seeds, args, Path(tmp))}

@@ -53,6 +53,8 @@ class ModelSpec:
     sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Training settings that reach this model's accuracy target on digits (epochs, lr, ...).
     train_defaults: dict[str, Any] = field(default_factory=dict)
+    # Distillation settings measured best for this model's student (temperature, alpha, mixup).
+    distill_defaults: dict[str, Any] = field(default_factory=dict)
     opset: int = 18
     description: str = ""
     # Where a model from outside the registry comes from (a user factory, an imported ONNX graph);

@@ -394,9 +394,9 @@ def distill_cmd(
     run_dir: RunArg,
     student_scale: Annotated[Optional[float], typer.Option("--student-scale", help="Scale the teacher's width fields (0-1); default: the model's declared student.")] = None,
     student_model: Annotated[Optional[str], typer.Option("--student-model", help="Another registered model of the same input family as the student, e.g. gru for a transformer teacher.")] = None,
-    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature T of the soft targets (loss scaled by T^2).")] = 2.0,
-    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the soft-target loss; 1 - alpha weighs the hard labels.")] = 0.5,
-    mixup: Annotated[float, typer.Option("--mixup", help="Beta(a, a) mixup for the student and its scratch twin (0 = off); the teacher labels the mixed inputs.")] = 0.4,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Softmax temperature T of the soft targets (loss scaled by T^2). Default: the student model's tuned value (4 for cnn, else 2).")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Weight of the soft-target loss; 1 - alpha weighs the hard labels. Default: tuned per model (0.7 cnn, else 0.5).")] = None,
+    mixup: Annotated[Optional[float], typer.Option("--mixup", help="Beta(a, a) mixup for the student and its scratch twin (0 = off); the teacher labels the mixed inputs. Default: tuned per model (0 cnn, else 0.4).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Student epochs (default: the student model's tuned setting).")] = None,
     max_drop: Annotated[float, typer.Option("--max-drop", help="Accuracy drop (points) against the teacher allowed for student variants to be selected.")] = 1.5,
     scratch: Annotated[bool, typer.Option("--scratch/--no-scratch", help="Also train the same student from scratch (same epochs and seed) to measure the distillation gain.")] = True,
@@ -420,7 +420,8 @@ def distill_cmd(
             {"model": f"distilled student ({d['student_model']})", "params": d["student_params"], "accuracy": d["distilled_accuracy"]}]
     if "scratch_accuracy" in d:
         rows.append({"model": "same student from scratch", "params": d["student_params"], "accuracy": d["scratch_accuracy"]})
-    print_table(rows, ["model", "params", "accuracy"], title=f"distill: {run.root} (T={temperature}, alpha={alpha}, mixup={mixup})")
+    print_table(rows, ["model", "params", "accuracy"],
+                title=f"distill: {run.root} (T={d['temperature']}, alpha={d['alpha']}, mixup={d['mixup']})")
     typer.echo(f"selected: {run.manifest['selected']}")
 
 

@@ -8,7 +8,7 @@ the teacher. The same architecture is also trained from scratch on hard labels w
 and seed, so the distillation gain is a measured number in the manifest, not an assumption."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch.nn import functional as F
@@ -24,22 +24,22 @@ STUDENT_FILE = "student.pt"
 class DistillConfig:
     student_model: str | None = None     # another registered model of the same input family
     student_scale: float | None = None   # scale the teacher's width fields (None: the spec's student config)
-    # Defaults tuned on digits over 3 seeds (benchmarks/distill.py): T=4/alpha=0.7 without mixup lost to
-    # the scratch twin for the RNN students; a softer mix with mixup came closest (see RESULTS.md).
-    temperature: float = 2.0
-    alpha: float = 0.5                   # weight of the soft-target loss
+    # None: the student model's distill_defaults, else the fallbacks below (tuned on digits over 3 seeds,
+    # benchmarks/distill.py: T=4/alpha=0.7 without mixup lost to the scratch twin for the RNN students).
+    temperature: float | None = None
+    alpha: float | None = None           # weight of the soft-target loss
     epochs: int | None = None            # None: the student model's tuned default
     lr: float | None = None
-    mixup: float = 0.4                   # mixup for both the student and its scratch twin (the teacher labels mixed inputs)
+    mixup: float | None = None           # mixup for both the student and its scratch twin (the teacher labels mixed inputs)
     seed: int = 0
     max_accuracy_drop: float = 1.5       # points against the teacher, for `selected`
     scratch_baseline: bool = True
     resume: bool = False                 # continue the student's and the twin's checkpoints
 
     def __post_init__(self):
-        if self.temperature <= 0:
+        if self.temperature is not None and self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.student_scale is not None and not 0.0 < self.student_scale < 1.0:
             raise ConfigError(f"student_scale must be in (0, 1), got {self.student_scale}")
@@ -47,6 +47,15 @@ class DistillConfig:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.max_accuracy_drop < 0:
             raise ConfigError(f"max_accuracy_drop must be >= 0, got {self.max_accuracy_drop}")
+
+
+FALLBACK = {"temperature": 2.0, "alpha": 0.5, "mixup": 0.4}
+
+
+def resolve(cfg: DistillConfig, spec) -> DistillConfig:
+    """Fill the unset temperature / alpha / mixup from the student model's defaults, then the fallbacks."""
+    chosen = {k: getattr(cfg, k) for k in FALLBACK}
+    return replace(cfg, **{k: v if v is not None else spec.distill_defaults.get(k, FALLBACK[k]) for k, v in chosen.items()})
 
 
 def student_spec_and_config(run: Run, cfg: DistillConfig):
@@ -105,6 +114,7 @@ def distill(run: Run, cfg: DistillConfig, ds: Dataset, *, progress: bool = True)
     from .train import evaluate, fit, load_torch_model, save_weights, set_determinism, train_config_for
 
     spec, student_cfg = student_spec_and_config(run, cfg)
+    cfg = resolve(cfg, spec)
     teacher = load_torch_model(run, "torch")
     train_cfg = train_config_for(spec, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed, mixup=cfg.mixup or None)
     teacher_acc, _ = evaluate(teacher, ds.x_test, ds.y_test)
