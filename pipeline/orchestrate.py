@@ -222,7 +222,8 @@ def summary_rows(run: Run) -> list[dict]:
         elif p["rule"] == "tensor":
             check = f"{'pass' if p['passed'] else 'FAIL'} max|d| {p['max_abs']:.1e}"
         else:
-            check = f"{'pass' if p['passed'] else 'FAIL'} agree {p['agreement']:.3f}"
+            verdict = "pass" if p["passed"] else ("over budget" if p.get("gate") else "FAIL")
+            check = f"{verdict} agree {p['agreement']:.3f}"
         rows.append({
             "model": run.model_name, "variant": v, "parent": art.parent or "-",
             "accuracy": run.metrics(v).get("accuracy"), "parity": check, "bytes": art.bytes,

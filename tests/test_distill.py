@@ -127,3 +127,14 @@ def test_student_over_budget_is_kept_but_never_selected(copy_of):
     assert failures(reports) == []  # torch -> onnx and student -> student_onnx still pass
     ok, why = verdict(run, "student_onnx")
     assert not ok and "against torch" in why
+
+
+def test_summary_shows_a_missed_gate_as_over_budget(copy_of):
+    from pipeline.orchestrate import summary_rows
+
+    run = Run.open(copy_of("gru"))
+    ds = reload_dataset(run.manifest["dataset"])
+    distill(run, DistillConfig(epochs=1, scratch_baseline=False, max_accuracy_drop=0.0, lr=1e-5), ds, progress=False)
+    verify(run, VerifyConfig(batches=(2,)), ds)
+    row = next(r for r in summary_rows(run) if r["variant"] == "student")
+    assert row["parity"].startswith("over budget")
