@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BEGIN, END = "<!-- onnxpipe-ddp:begin -->", "<!-- onnxpipe-ddp:end -->"
+sys.path.insert(0, str(HERE))
+from results_md import write_section  # noqa: E402  (the shared RESULTS.md section writer)
+
+SECTION = "onnxpipe-ddp"
 
 
 def train_once(model: str, config: str, root: Path, epochs: int, limit: int | None) -> dict:
@@ -52,7 +55,6 @@ def markdown(results: dict[str, list[dict]], args, command: str) -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     base = statistics.median(r["train_s"] for r in results[next(iter(results))])
     lines = [
-        BEGIN,
         "## DDP training: 1 vs 2 processes",
         "",
         f"`{command}` ({platform.processor() or platform.machine()}, {cores} cores, torch "
@@ -77,19 +79,8 @@ def markdown(results: dict[str, list[dict]], args, command: str) -> str:
     if "1x1" in loop and "2" in loop:
         lines[-1] += (f" Two processes (one thread each) vs one process with one thread: "
                       f"{loop['1x1'] / loop['2']:.2f}x.")
-    lines += ["A wide min-max range in a row is the machine's load (see DDP training in README.md).", "", END]
+    lines += ["A wide min-max range in a row is the machine's load (see DDP training in README.md)."]
     return "\n".join(lines)
-
-
-def write_section(text: str, path: Path) -> None:
-    from pipeline.atomic import write_bytes
-
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    write_bytes(path, new.encode())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"accuracy {res['accuracy']:.4f}", flush=True)
     command = "python benchmarks/ddp.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = markdown(results, args, command.strip())
-    write_section(text, args.results)
+    write_section(SECTION, text, args.results)
     print(text)
 
 
