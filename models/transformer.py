@@ -106,7 +106,8 @@ SPEC = register_model(
         build=TransformerClassifier,
         inputs=(InputSpec("sequence", (8, 8), {0: "batch", 1: "seq_len"}),),
         data_fields=("seq_len", "input_size"),
-        student={"d_model": 32, "ff": 64, "layers": 1},
+        # 3 seeds on digits: d_model 32 lost 1.6 points to the teacher on average; 48 stays within 1.5
+        student={"d_model": 48, "ff": 96, "layers": 1},
         sizes={"base": {"d_model": 256, "heads": 8, "layers": 4, "ff": 1024}},
         train_defaults={"epochs": 40, "lr": 1e-3, "patience": 12},
         opset=23,  # F.scaled_dot_product_attention -> the native ONNX Attention op
