@@ -422,6 +422,12 @@ def distill_cmd(
         rows.append({"model": "same student from scratch", "params": d["student_params"], "accuracy": d["scratch_accuracy"]})
     print_table(rows, ["model", "params", "accuracy"],
                 title=f"distill: {run.root} (T={d['temperature']}, alpha={d['alpha']}, mixup={d['mixup']})")
+    sp = d.get("speedup", {}).get("64", {})
+    if sp.get("speedup"):
+        typer.echo(f"batch 64: {sp['student_best']} {sp['student_ms']:.3f} ms vs the teacher's fastest {sp['teacher_best']} "
+                   f"{sp['teacher_ms']:.3f} ms: {sp['speedup']:.2f}x")
+    else:
+        typer.echo("no student variant is within the budget against the teacher, so none can be selected")
     typer.echo(f"selected: {run.manifest['selected']}")
 
 

@@ -149,3 +149,23 @@ def distill(run: Run, cfg: DistillConfig, ds: Dataset, *, progress: bool = True)
     run.manifest["distillation"] = record
     run.set_metrics("student", accuracy=distilled_acc, params=record["student_params"])
     return art
+
+
+def student_speedup(run: Run) -> dict:
+    """Per timed batch size: the teacher's fastest ONNX variant, the fastest student variant eligible for
+    `selected` (within budget, passing its checks), and the speedup; from the select stage's timings."""
+    from .select import verdict
+
+    timed = {v: run.metrics(v)["latency_ms"] for v in run.variants()
+             if run.artifact(v).format == "onnx" and run.metrics(v).get("latency_ms")}
+    teacher = [v for v in timed if "student" not in run.lineage(v)]
+    student = [v for v in timed if "student" in run.lineage(v) and verdict(run, v)[0]]
+    out = {}
+    for b in sorted({b for lat in timed.values() for b in lat}, key=int):
+        t = min((v for v in teacher if b in timed[v]), key=lambda v: timed[v][b], default=None)
+        s_ = min((v for v in student if b in timed[v]), key=lambda v: timed[v][b], default=None)
+        out[b] = {"teacher_best": t, "teacher_ms": timed[t][b] if t else None,
+                  "student_best": s_, "student_ms": timed[s_][b] if s_ else None,
+                  "speedup": timed[t][b] / timed[s_][b] if t and s_ else None}
+    return out
+

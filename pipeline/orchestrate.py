@@ -127,6 +127,11 @@ def stage_select(run: Run, ctx: Context) -> None:
     from .select import SelectConfig, select
 
     select(run, stage_config(SelectConfig, ctx, "select"))
+    if "distillation" in run.manifest:  # the student's speedup over the teacher's fastest variant, as timed here
+        from .distill import student_speedup
+
+        run.manifest["distillation"]["speedup"] = student_speedup(run)
+        run.save()
 
 
 def stage_verify(run: Run, ctx: Context) -> None:

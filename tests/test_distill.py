@@ -37,6 +37,19 @@ def test_student_is_smaller_exports_with_parity_and_records_scratch(copy_of):
     assert vs_teacher.rule == "task" and vs_teacher.max_accuracy_drop == 1.5
     assert reports[("student", "student_onnx")].rule == "tensor" and reports[("student", "student_onnx")]
 
+    # speedup over the teacher's fastest ONNX variant, from recorded timings (not wall-clock here)
+    from pipeline.distill import student_speedup
+
+    run.set_metrics("onnx", latency_ms={"1": 0.08, "64": 2.0})
+    run.set_metrics("student_onnx", latency_ms={"1": 0.05, "64": 0.5})
+    eligible = vs_teacher.passed  # a two-epoch student may miss its budget: then it must not count
+    sp = student_speedup(run)
+    assert sp["64"]["teacher_best"] == "onnx" and sp["64"]["teacher_ms"] == 2.0
+    if eligible:
+        assert sp["64"]["student_best"] == "student_onnx" and sp["64"]["speedup"] == pytest.approx(4.0)
+    else:
+        assert sp["64"]["student_best"] is None and sp["64"]["speedup"] is None
+
 
 def test_cross_model_student_for_sequences(copy_of):
     run = Run.open(copy_of("transformer"))
@@ -88,6 +101,7 @@ def test_distill_command_runs_student_through_compression_and_selection(copy_of)
     for v in ("student_onnx", *quantized):
         assert run.lineage(v)[-1] == "torch"  # every student variant traces back to the teacher
     assert "distilled student (gru)" in r.output and run.manifest["selected"] in arts
+    assert set(run.manifest["distillation"]["speedup"]) == {"1", "64"}
     teacher_pairs = [p for p in run.manifest["parity"] if p["reference"] == "torch" and p["candidate"] == "student_onnx"]
     assert teacher_pairs and teacher_pairs[0]["max_accuracy_drop"] == 1.5
 
