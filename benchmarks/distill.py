@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from results_md import write_section  # noqa: E402
+from results_md import RESULTS, write_section  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip the seed-0 timing run")
     p.add_argument("--out", type=Path, default=HERE / "distill.json")
     p.add_argument("--write", action="store_true", help="rewrite the distill section of RESULTS.md")
+    p.add_argument("--markdown", type=Path, default=RESULTS, help="the RESULTS.md to write into")
     return p.parse_args(argv)
 
 
@@ -73,19 +74,10 @@ def speed(model: str, args, work: Path) -> dict:
                     stages=["train", "export", "optimize", "quantize", "distill", "verify", "select"])
     lat = {v: run.metrics(v).get("latency_ms") for v in run.variants()}
     onnx = [v for v in run.variants() if run.artifact(v).format == "onnx" and lat.get(v)]
-    teacher = [v for v in onnx if "student" not in run.lineage(v)]
-    student = [v for v in onnx if "student" in run.lineage(v)]
-    from pipeline.select import verdict
-
-    student_ok = [v for v in student if verdict(run, v)[0]]  # the same eligibility rule as `selected`
     out = {"selected": run.manifest["selected"], "latency_ms": lat,
            "accuracy": {v: run.metrics(v).get("accuracy") for v in onnx}}
-    for b in ("1", "64"):
-        t_best = min(teacher, key=lambda v: lat[v][b])
-        s_best = min(student_ok, key=lambda v: lat[v][b]) if student_ok else None
-        out[f"b{b}"] = {"teacher_best": t_best, "teacher_ms": lat[t_best][b], "student_best": s_best,
-                        "student_ms": lat[s_best][b] if s_best else None,
-                        "speedup": lat[t_best][b] / lat[s_best][b] if s_best else None}
+    # the same rule as `selected`: a student variant counts only if eligible (pipeline.distill.student_speedup)
+    out.update({f"b{b}": entry for b, entry in run.manifest["distillation"]["speedup"].items()})
     print(f"{model}: b64 teacher {out['b64']['teacher_best']} {out['b64']['teacher_ms']:.3f} ms, student "
           f"{out['b64']['student_best']} {out['b64']['student_ms'] or float('nan'):.3f} ms", flush=True)
     return out
@@ -151,7 +143,7 @@ def main(argv=None) -> int:
     text = markdown(results, command.strip())
     print(text)
     if args.write:
-        write_section("distill", text)
+        write_section("distill", text, args.markdown)
     return 0
 
 

@@ -37,3 +37,20 @@ def test_benchmark_script_writes_results_and_keeps_the_rest_of_results_md(tiny_r
     again = md.read_text()
     assert again.count("onnxpipe-benchmarks:begin") == 1 and "stale row" not in again
     assert again.startswith("# Results\n\nNotes written by hand stay.") and "Where each model sits" in again
+
+
+def test_distill_benchmark_smoke(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nHand-written notes stay.\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "distill.py"), "--models", "gru", "--seeds", "0", "--limit", "200",
+           "--epochs", "1", "--out", str(tmp_path / "d.json"), "--write", "--markdown", str(md)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads((tmp_path / "d.json").read_text())
+    (row,) = res["models"]["gru"]["seeds"]
+    assert row["student_params"] < row["teacher_params"] and 0 <= row["scratch_accuracy"] <= 1
+    speed = res["models"]["gru"]["speed"]
+    assert speed["b64"]["teacher_ms"] > 0 and speed["selected"]
+    text = md.read_text()
+    assert text.startswith("# Results\n\nHand-written notes stay.") and "| gru | gru |" in text
+    assert text.count("<!-- distill:begin -->") == 1
