@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,9 @@ def leave(world: World) -> None:
 
 def _spawned(rank: int, size: int, init_method: str, job: Job, errors) -> None:
     """Entry point of a process started by `spawn` (must be importable at module level)."""
+    # A spawned child inherits the parent's sys.path. If the parent had imported onnxruntime.transformers,
+    # its folder (which holds another `models`, a namespace package here) would shadow ours.
+    sys.path[:] = [p for p in sys.path if Path(p).parts[-2:] != ("onnxruntime", "transformers")]
     try:
         world = init_world(rank, size, rank, job.device, init_method)
         train_rank(world, job)

@@ -54,6 +54,12 @@ def copy_run(src: Path, tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="session")
+def copy_run_to():
+    """copy_run as a fixture, for module-scoped fixtures (tests cannot import conftest as a module)."""
+    return copy_run
+
+
 @pytest.fixture
 def copy_of(tiny_run, tmp_path):
     """copy_of(model) -> a private copy of the tiny run, safe to modify."""

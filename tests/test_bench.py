@@ -15,10 +15,8 @@ CELL_KEYS = {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "runs", "through
 
 
 @pytest.fixture(scope="module")
-def benched(tiny_run, tmp_path_factory):
-    from tests.conftest import copy_run
-
-    run = Run.open(copy_run(tiny_run("cnn"), tmp_path_factory.mktemp("bench")))
+def benched(tiny_run, copy_run_to, tmp_path_factory):
+    run = Run.open(copy_run_to(tiny_run("cnn"), tmp_path_factory.mktemp("bench")))
     bench(run, BenchConfig(batches=(1, 8), threads=(1,), warmup=1, runs=5, memory=True))
     return Run.open(run.root)  # read back what was saved
 

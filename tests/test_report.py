@@ -45,11 +45,9 @@ def assert_png(data: bytes):
 
 
 @pytest.fixture(scope="module")
-def reported(tiny_run, tmp_path_factory):
+def reported(tiny_run, copy_run_to, tmp_path_factory):
     """A tiny cnn run, benched, plus a lossy variant with parity and per-node divergence, then the report."""
-    from tests.conftest import copy_run
-
-    run = Run.open(copy_run(tiny_run("cnn"), tmp_path_factory.mktemp("report")))
+    run = Run.open(copy_run_to(tiny_run("cnn"), tmp_path_factory.mktemp("report")))
     shutil.copy(run.root / "model.onnx", run.root / "model_int8.onnx")
     run.add_artifact("int8_dynamic", "model_int8.onnx", stage="quantize", parent="onnx", lossy=True,
                      extra={"node_divergence": [{"node": "/features/0/Conv", "max_abs": 0.02},
