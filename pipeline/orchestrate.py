@@ -86,7 +86,7 @@ def stage_train(run: Run, ctx: Context) -> None:
 def stage_export(run: Run, ctx: Context) -> None:
     from .export import ExportConfig, export
 
-    export(run, ExportConfig(**ctx.options("export")), test_inputs=ctx.data_for(run).x_test)
+    export(run, stage_config(ExportConfig, ctx, "export"), test_inputs=ctx.data_for(run).x_test)
 
 
 def stage_config(cls, ctx: Context, stage: str, **defaults):
@@ -138,7 +138,7 @@ def stage_verify(run: Run, ctx: Context) -> None:
     from .errors import ParityError
     from .verify import VerifyConfig, failures, verify
 
-    reports = verify(run, VerifyConfig(**ctx.options("verify")), ctx.data_for(run))
+    reports = verify(run, stage_config(VerifyConfig, ctx, "verify"), ctx.data_for(run))
     failed = failures(reports)
     if failed:
         raise ParityError(failed[0])
@@ -147,21 +147,13 @@ def stage_verify(run: Run, ctx: Context) -> None:
 def stage_bench(run: Run, ctx: Context) -> None:
     from .bench import BenchConfig, bench
 
-    try:
-        cfg = BenchConfig(**ctx.options("bench"))
-    except TypeError as e:
-        raise ConfigError(f"bad [bench] setting: {e}") from None
-    bench(run, cfg)
+    bench(run, stage_config(BenchConfig, ctx, "bench"))
 
 
 def stage_explain(run: Run, ctx: Context) -> None:
     from .explain import ExplainConfig, explain
 
-    try:
-        cfg = ExplainConfig(**ctx.options("explain"))
-    except TypeError as e:
-        raise ConfigError(f"bad [explain] setting: {e}") from None
-    explain(run, cfg, ctx.data_for(run))
+    explain(run, stage_config(ExplainConfig, ctx, "explain"), ctx.data_for(run))
 
 
 def stage_report(run: Run, ctx: Context) -> None:
