@@ -132,27 +132,14 @@ def check_dynamic_dims(model, spec) -> None:
                           + " (exporter trap: the graph would only accept the example shape)")
 
 
-def variant_spec(run: Run, variant: str):
-    """(spec, config) of a torch variant: the run's model, or the student's own model for a distilled student."""
-    art = run.artifact(variant)
-    name = art.extra.get("model")
-    if not name or name == run.model_name:
-        return run.spec, run.model_config()
-    from models import get_model, replace_config
-
-    spec = get_model(name)
-    return spec, replace_config(spec.config_cls(), art.extra["model_config"])
-
-
 def export(run: Run, cfg: ExportConfig, *, source: str = "torch", target: str = "onnx",
            test_inputs: np.ndarray | None = None) -> Artifact:
     """Export torch variant `source` to ONNX variant `target` and gate it on grid parity."""
     from .runtime import make_session
-    from .train import load_torch_model
+    from .train import load_torch_variant
     from .variants import load_predictor
 
-    spec, model_cfg = variant_spec(run, source)
-    module = load_torch_model(run, source)
+    module, spec, model_cfg = load_torch_variant(run, source)
     opset = cfg.opset or spec.opset
     filename = ONNX_FILE if target == "onnx" else f"{target}.onnx"
     path = run.root / filename

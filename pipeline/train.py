@@ -199,17 +199,24 @@ def save_weights(path: Path, model_name: str, cfg, state_dict: dict) -> None:
         torch.save({"model": model_name, "config": asdict(cfg), "state_dict": state_dict}, tmp)
 
 
-def load_torch_model(run: Run, variant: str = "torch") -> nn.Module:
-    """Rebuild a torch variant from its checkpoint (sha256-checked; weights_only load)."""
+def load_torch_variant(run: Run, variant: str = "torch"):
+    """(module, spec, config) of a torch variant, rebuilt from its checkpoint (sha256-checked; weights_only).
+
+    The checkpoint names its own model and config, so a student of another size or model rebuilds as itself."""
     from models import get_model, replace_config
 
-    path = run.path(variant)
-    ck = torch.load(path, weights_only=True)
+    ck = torch.load(run.path(variant), weights_only=True)
     # The run's own model may be a user factory or an imported graph: the run folder knows how to rebuild it.
     spec = run.spec if ck["model"] == run.model_name else get_model(ck["model"])
-    model = spec.build(replace_config(spec.config_cls(), ck["config"]))
+    cfg = replace_config(spec.config_cls(), ck["config"])
+    model = spec.build(cfg)
     model.load_state_dict(ck["state_dict"])
-    return model.eval()
+    return model.eval(), spec, cfg
+
+
+def load_torch_model(run: Run, variant: str = "torch") -> nn.Module:
+    """Rebuild a torch variant from its checkpoint (sha256-checked; weights_only load)."""
+    return load_torch_variant(run, variant)[0]
 
 
 def train(run: Run, cfg: TrainConfig, ds: Dataset, *, resume: bool = False, progress: bool = True,

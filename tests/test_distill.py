@@ -22,6 +22,10 @@ def test_student_is_smaller_exports_with_parity_and_records_scratch(copy_of):
     assert d["distillation_gain_pt"] == pytest.approx(100 * (d["distilled_accuracy"] - d["scratch_accuracy"]))
     assert d["distilled_accuracy"] > 0.3  # well above chance (0.1) after two epochs
 
+    from pipeline.train import load_torch_variant
+
+    _, spec, cfg = load_torch_variant(run, "student")  # the student rebuilds as itself, not as its teacher
+    assert spec.name == "cnn" and cfg.channels1 == 16 and cfg.hidden == 32
     export(run, ExportConfig(batches=(1, 7)), source="student", target="student_onnx")
     arts = run.manifest["artifacts"]
     assert arts["student"]["parent"] == "torch" and arts["student_onnx"]["parent"] == "student"
