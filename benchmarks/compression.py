@@ -49,11 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(model: str, size: str, args) -> Path:
-    from pipeline.orchestrate import Context, run_model
+    from onnxpipe.orchestrate import Context, run_model
 
     root = args.out / f"{model}-{size}"
     if (root / "manifest.json").is_file() and not args.rebuild:
-        from pipeline.runfolder import Run
+        from onnxpipe.runfolder import Run
 
         run = Run.open(root)
         if run.manifest.get("selected") and run.manifest.get("selection"):
@@ -71,9 +71,9 @@ def measure(root: Path, threads: int, batches: list[int], args) -> dict:
     """{batch: {"sets": [{variant: p50_ms}]}} for torch, onnx and every other ONNX variant."""
     import torch
 
-    from pipeline.runfolder import Run
-    from pipeline.timing import time_interleaved
-    from pipeline.variants import load_predictor
+    from onnxpipe.runfolder import Run
+    from onnxpipe.core.timing import time_interleaved
+    from onnxpipe.core.predictors import load_predictor
 
     run = Run.open(root)
     names = ["torch"] + [v for v in run.variants() if run.artifact(v).format == "onnx"]
@@ -101,11 +101,11 @@ def measure_int8_pairs(root: Path, threads: int, batches: list[int], args) -> di
     import shutil
     import tempfile
 
-    from pipeline.data import reload_dataset
-    from pipeline.quantize import QuantizeConfig, quantize
-    from pipeline.runfolder import Run
-    from pipeline.timing import time_interleaved
-    from pipeline.variants import load_predictor
+    from onnxpipe.core.data import reload_dataset
+    from onnxpipe.stages.quantize import QuantizeConfig, quantize
+    from onnxpipe.runfolder import Run
+    from onnxpipe.core.timing import time_interleaved
+    from onnxpipe.core.predictors import load_predictor
 
     run = Run.open(root)
     if not run.has("int8_static"):
@@ -137,7 +137,7 @@ def ratio_stats(sets: list[dict], num: str, den: str) -> dict:
 
 
 def summarize(root: Path, timings: dict) -> dict:
-    from pipeline.runfolder import Run
+    from onnxpipe.runfolder import Run
 
     run = Run.open(root)
     sel = run.manifest["selected"]
@@ -258,9 +258,8 @@ def markdown(results: list[dict], command: str, threads: list[int], batches: lis
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import models  # noqa: F401  (before onnxruntime.transformers: see pipeline/quantize.py)
-    from pipeline.atomic import write_json
-    from pipeline.runtime import physical_cores
+    from onnxpipe.atomic import write_json
+    from onnxpipe.core.runtime import physical_cores
 
     if args.from_json:
         saved = json.loads(args.from_json.read_text())

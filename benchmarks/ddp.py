@@ -30,7 +30,7 @@ SECTION = "onnxpipe-ddp"
 
 def train_once(model: str, config: str, root: Path, epochs: int, limit: int | None) -> dict:
     nproc, _, threads = config.partition("x")
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", model, "--run", str(root), "--nproc", nproc,
+    cmd = [sys.executable, "-m", "onnxpipe.cli", "train", model, "--run", str(root), "--nproc", nproc,
            "--epochs", str(epochs), "--patience", str(epochs), "--force", "-q"]
     if limit:
         cmd += ["--limit", str(limit)]

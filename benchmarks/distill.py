@@ -48,8 +48,8 @@ def distill_options(args) -> dict:
 
 
 def accuracy_over_seeds(model: str, seeds: list[int], args, work: Path) -> list[dict]:
-    from pipeline.distill import DistillConfig, distill
-    from pipeline.orchestrate import Context, run_model
+    from onnxpipe.stages.distill import DistillConfig, distill
+    from onnxpipe.orchestrate import Context, run_model
 
     rows = []
     for seed in seeds:
@@ -67,7 +67,7 @@ def accuracy_over_seeds(model: str, seeds: list[int], args, work: Path) -> list[
 
 def speed(model: str, args, work: Path) -> dict:
     """Seed 0 through the whole pipeline; latencies come from the select stage (interleaved timing)."""
-    from pipeline.orchestrate import Context, run_model
+    from onnxpipe.orchestrate import Context, run_model
 
     ctx = Context(seed=0, limit=args.limit, progress=False, stage_options={"distill": distill_options(args)})
     run = run_model(model, work / f"{model}-speed", ctx,
@@ -84,7 +84,7 @@ def speed(model: str, args, work: Path) -> dict:
 
 
 def markdown(results: dict, command: str) -> str:
-    from pipeline.runfolder import library_versions
+    from onnxpipe.runfolder import library_versions
 
     v = library_versions()
     lines = ["## Distillation (benchmarks/distill.py)", "", "```bash", command, "```", "",
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import os
 
-    import models  # noqa: F401
+    import onnxpipe.models  # noqa: F401
     t0 = time.monotonic()
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(), "seeds": seeds,
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             results["models"][model] = entry
     results["seconds"] = time.monotonic() - t0
     results["load"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    from pipeline.atomic import write_json
+    from onnxpipe.atomic import write_json
 
     write_json(args.out, results)
     command = "python benchmarks/distill.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

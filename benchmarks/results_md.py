@@ -12,7 +12,7 @@ def markers(name: str) -> tuple[str, str]:
 
 def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     """Replace the text between `name`'s markers (append the section if it is not there yet), atomically."""
-    from pipeline.atomic import write_bytes
+    from onnxpipe.atomic import write_bytes
 
     begin, end = markers(name)
     section = f"{begin}\n{body.strip()}\n{end}"

@@ -75,8 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_or_open(model: str, size: str, args, log):
     """The run folder for (model, size): reused when complete, else built with the pipeline's stages."""
-    from pipeline.orchestrate import STAGES, Context, run_model
-    from pipeline.runfolder import Run
+    from onnxpipe.orchestrate import STAGES, Context, run_model
+    from onnxpipe.runfolder import Run
 
     root = args.out / f"{model}-{size}"
     if (root / "manifest.json").is_file() and not args.rebuild:
@@ -280,12 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rewrote {args.markdown} from {args.results} (measured {results['created']})", file=sys.stderr)
         return 0
 
-    import models  # noqa: F401  (registers the built-in models)
-    from pipeline.atomic import write_json
-    from pipeline.bench import BenchConfig, bench
-    from pipeline.errors import OnnxpipeError
-    from pipeline.peak import machine_info
-    from pipeline.runfolder import library_versions
+    import onnxpipe.models  # noqa: F401  (registers the built-in models)
+    from onnxpipe.atomic import write_json
+    from onnxpipe.stages.bench import BenchConfig, bench
+    from onnxpipe.errors import OnnxpipeError
+    from onnxpipe.core.peak import machine_info
+    from onnxpipe.runfolder import library_versions
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             except OnnxpipeError as e:  # a stage failed: record it, still measure what the run folder holds
                 entry["error"] = f"build failed: {e}".splitlines()[0]
                 log(f"[{model}-{size}] {entry['error']}")
-                from pipeline.runfolder import Run
+                from onnxpipe.runfolder import Run
 
                 root = args.out / f"{model}-{size}"
                 run = Run.open(root) if (root / "manifest.json").is_file() else None
@@ -321,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             bench_s = round(time.monotonic() - t0, 1)
             if not args.no_report:
-                from pipeline.data import reload_dataset
-                from pipeline.divergence import record_node_divergence
-                from pipeline.report import write_report
+                from onnxpipe.core.data import reload_dataset
+                from onnxpipe.stages.divergence import record_node_divergence
+                from onnxpipe.stages.report import write_report
 
                 record_node_divergence(run, reload_dataset(run.manifest["dataset"]))
                 write_report(run)

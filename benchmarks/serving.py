@@ -32,9 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.runfolder import Run  # noqa: E402
-from pipeline.runtime import make_session  # noqa: E402
-from pipeline.timing import summarize  # noqa: E402
+from onnxpipe.runfolder import Run  # noqa: E402
+from onnxpipe.core.runtime import make_session  # noqa: E402
+from onnxpipe.core.timing import summarize  # noqa: E402
 
 
 # --- requests ------------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ class Server:
 
     def __init__(self, run_dir: str, *extra: str):
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", run_dir, "--port", "0",
+        self.proc = subprocess.Popen([sys.executable, "-m", "onnxpipe.cli", "serve", run_dir, "--port", "0",
                                       "--device", "cpu", *extra], stderr=self.log, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         self.port = None

@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     import keras
     import numpy as np
 
-    from pipeline.data import load_dataset
-    from pipeline.importer import import_onnx
-    from pipeline.runtime import make_session
+    from onnxpipe.core.data import load_dataset
+    from onnxpipe.stages.importer import import_onnx
+    from onnxpipe.core.runtime import make_session
 
     if keras.backend.backend() != "torch":
         raise SystemExit(f"this example runs Keras on the torch backend; KERAS_BACKEND is {keras.backend.backend()!r}")

@@ -43,7 +43,7 @@ def user_errors(fn):
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
         except KeyError as e:
-            from models import UnknownModelError
+            from .models import UnknownModelError
 
             if isinstance(e, UnknownModelError):
                 typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
@@ -90,9 +90,9 @@ def read_config_file(path: Path | None) -> dict:
 
 def resolve_models(names: str) -> list[str]:
     """'all', or comma-separated registered names and user factories (pkg.module:build, file.py:build)."""
-    from models import list_models
+    from .models import list_models
 
-    from .byo import resolve_model
+    from .core.byo import resolve_model
 
     if names == "all":
         return list_models()
@@ -143,7 +143,7 @@ def models_cmd() -> None:
     """List the registered models with their family and default config."""
     from dataclasses import asdict
 
-    from models import get_model, list_models
+    from .models import get_model, list_models
 
     for name in list_models():
         spec = get_model(name)
@@ -175,7 +175,7 @@ def run_cmd(
     """Run the whole pipeline (train -> export -> verify -> ...) for each model; end with a table."""
     import time
 
-    from .byo import model_folder
+    from .core.byo import model_folder
     from .orchestrate import Context, run_model
 
     file_cfg = read_config_file(config)
@@ -228,12 +228,12 @@ def train_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Train MODEL and write variant `torch` (model.pt) into its run folder."""
-    from .byo import model_folder
-    from .distributed import Job, check_device, launched_by_torchrun, single_world, spawn_training, torchrun_training
+    from .core.byo import model_folder
+    from .stages.distributed import Job, check_device, launched_by_torchrun, single_world, spawn_training, torchrun_training
     from .errors import ConfigError
     from .orchestrate import prepare_run
     from .runfolder import Run
-    from .train import train, train_config_for
+    from .stages.train import train, train_config_for
 
     file_cfg = read_config_file(config)
     root = run_dir or Path("exports") / model_folder(model)
@@ -279,8 +279,8 @@ def export_cmd(
     rtol: Annotated[float, typer.Option("--rtol", help="Relative error allowed vs PyTorch.")] = 1e-3,
 ) -> None:
     """Export the run's torch model to ONNX (dynamic batch / sequence axes), checked on a grid of shapes."""
-    from .data import reload_dataset
-    from .export import ExportConfig, export
+    from .core.data import reload_dataset
+    from .stages.export import ExportConfig, export
     from .runfolder import Run
 
     run = Run.open(run_dir)
@@ -302,9 +302,9 @@ def verify_cmd(
     rtol: Annotated[float, typer.Option("--rtol")] = 1e-3,
 ) -> None:
     """Parity of every variant against its parent and torch; exit 1 if any check fails."""
-    from .data import reload_dataset
+    from .core.data import reload_dataset
     from .runfolder import Run
-    from .verify import VerifyConfig, failures, verify
+    from .stages.verify import VerifyConfig, failures, verify
 
     run = Run.open(run_dir)
     reports = verify(run, VerifyConfig(atol=atol, rtol=rtol, max_accuracy_drop=max_drop,
@@ -334,7 +334,7 @@ def optimize_cmd(
     rtol: Annotated[float, typer.Option("--rtol", help="Relative error allowed vs the unoptimized graph.")] = 1e-3,
 ) -> None:
     """ONNX Runtime graph optimization of variant onnx -> onnx_opt (fusions counted, parity on the shape grid)."""
-    from .optimize import OptimizeConfig, optimize
+    from .stages.optimize import OptimizeConfig, optimize
     from .runfolder import Run
 
     run = Run.open(run_dir)
@@ -365,8 +365,8 @@ def quantize_cmd(
     seed: SeedOpt = 0,
 ) -> None:
     """INT8 (dynamic / static QDQ) and FP16 variants, each held to an accuracy budget against its parent."""
-    from .data import reload_dataset
-    from .quantize import QuantizeConfig, quantize
+    from .core.data import reload_dataset
+    from .stages.quantize import QuantizeConfig, quantize
     from .runfolder import Run
 
     cfg = QuantizeConfig(mode=mode, calibration=calibration, calib_samples=calib_samples, per_channel=per_channel,
@@ -444,7 +444,7 @@ def select_cmd(
     """Time every ONNX variant here and mark the fastest one within budget as `selected`."""
     from .errors import ConfigError
     from .runfolder import Run
-    from .select import SelectConfig, select
+    from .stages.select import SelectConfig, select
 
     try:
         sizes = tuple(int(b) for b in batches.split(","))
@@ -477,7 +477,7 @@ def import_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Make a run folder around an ONNX model (variant `onnx` is the root), ready for optimize, quantize, verify, serve."""
-    from .importer import import_onnx, stages_for_import
+    from .stages.importer import import_onnx, stages_for_import
     from .orchestrate import Context, run_stages
 
     names = stages_for_import(stages) if stages else []  # a bad stage name stops us before the import
@@ -545,7 +545,7 @@ def predict_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prediction.")] = False,
 ) -> None:
     """Classify arrays and images with a run's selected variant; prints class and probability."""
-    from .predict import predict_files
+    from .stages.predict import predict_files
     from .runfolder import Run
 
     for p in predict_files(Run.open(run_dir), inputs, variant=variant, device=device, raw=raw, invert=invert, top=top):
@@ -623,7 +623,7 @@ def bench_cmd(
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure the peak RSS of a fresh process per variant.")] = True,
 ) -> None:
     """Time every variant side by side with PyTorch eager; FLOPs, fraction of the machine's peak, memory."""
-    from .bench import BenchConfig, bench, bench_rows
+    from .stages.bench import BenchConfig, bench, bench_rows
     from .runfolder import Run
 
     cfg = BenchConfig(batches=parse_int_list(batch, "--batch"),
@@ -654,13 +654,13 @@ def report_cmd(
                                              "of quantized variants where the manifest lacks it (64 training samples).")] = True,
 ) -> None:
     """Write report.html (self-contained, opens offline) and report.md into the run folder."""
-    from .report import write_report
+    from .stages.report import write_report
     from .runfolder import Run
 
     run = Run.open(run_dir)
     if divergence:
-        from .data import reload_dataset
-        from .divergence import record_node_divergence
+        from .core.data import reload_dataset
+        from .stages.divergence import record_node_divergence
 
         record_node_divergence(run, reload_dataset(run.manifest["dataset"]))
     page, md = write_report(run)
@@ -676,7 +676,7 @@ def explain_cmd(
     seed: SeedOpt = 0,
 ) -> None:
     """Attributions of the torch model (integrated gradients; attention maps for attention models) as PNG grids."""
-    from .explain import ExplainConfig, explain
+    from .stages.explain import ExplainConfig, explain
     from .runfolder import Run
 
     run = Run.open(run_dir)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .data import Dataset, load_dataset, reload_dataset
+from .core.data import Dataset, load_dataset, reload_dataset
 from .errors import ConfigError, DataError, OnnxpipeError, RunFolderError
 from .runfolder import Run
 
@@ -42,7 +42,7 @@ def prepare_run(model: str, root: Path, *, data: str = "digits", overrides: dict
                 seed: int = 0, limit: int | None = None, force: bool = False, resume: bool = False) -> tuple[Run, Dataset]:
     """Open (resume) or create the run folder for `model` (a registered name or a user factory
     "pkg.module:build" / "file.py:build"), with the data loaded and the config adapted to it."""
-    from .byo import resolve_model
+    from .core.byo import resolve_model
 
     spec = resolve_model(model)
     if resume:
@@ -71,10 +71,10 @@ def prepare_run(model: str, root: Path, *, data: str = "digits", overrides: dict
 # --- the stages --------------------------------------------------------------------------------------
 
 def stage_train(run: Run, ctx: Context) -> None:
-    from .train import train, train_config_for
+    from .stages.train import train, train_config_for
 
     if not ctx.train or ctx.weights is not None:
-        from .byo import adopt_weights
+        from .core.byo import adopt_weights
 
         adopt_weights(run, ctx.weights, ctx.data_for(run), seed=ctx.seed)
         return
@@ -84,7 +84,7 @@ def stage_train(run: Run, ctx: Context) -> None:
 
 
 def stage_export(run: Run, ctx: Context) -> None:
-    from .export import ExportConfig, export
+    from .stages.export import ExportConfig, export
 
     export(run, stage_config(ExportConfig, ctx, "export"), test_inputs=ctx.data_for(run).x_test)
 
@@ -98,23 +98,23 @@ def stage_config(cls, ctx: Context, stage: str, **defaults):
 
 
 def stage_optimize(run: Run, ctx: Context) -> None:
-    from .optimize import OptimizeConfig, optimize
+    from .stages.optimize import OptimizeConfig, optimize
 
     optimize(run, stage_config(OptimizeConfig, ctx, "optimize"))
 
 
 def stage_quantize(run: Run, ctx: Context) -> None:
-    from .quantize import QuantizeConfig, quantize
+    from .stages.quantize import QuantizeConfig, quantize
 
     quantize(run, stage_config(QuantizeConfig, ctx, "quantize", mode="auto"), ctx.data_for(run))
 
 
 def stage_distill(run: Run, ctx: Context) -> None:
     """Train the student, then put it through the same export / optimize / quantize functions as the teacher."""
-    from .distill import DistillConfig, distill
-    from .export import ExportConfig, export
-    from .optimize import OptimizeConfig, optimize
-    from .quantize import QuantizeConfig, quantize
+    from .stages.distill import DistillConfig, distill
+    from .stages.export import ExportConfig, export
+    from .stages.optimize import OptimizeConfig, optimize
+    from .stages.quantize import QuantizeConfig, quantize
 
     ds = ctx.data_for(run)
     distill(run, stage_config(DistillConfig, ctx, "distill", seed=ctx.seed), ds, progress=ctx.progress)
@@ -124,11 +124,11 @@ def stage_distill(run: Run, ctx: Context) -> None:
 
 
 def stage_select(run: Run, ctx: Context) -> None:
-    from .select import SelectConfig, select
+    from .stages.select import SelectConfig, select
 
     select(run, stage_config(SelectConfig, ctx, "select"))
     if "distillation" in run.manifest:  # the student's speedup over the teacher's fastest variant, as timed here
-        from .distill import student_speedup
+        from .stages.distill import student_speedup
 
         run.manifest["distillation"]["speedup"] = student_speedup(run)
         run.save()
@@ -136,7 +136,7 @@ def stage_select(run: Run, ctx: Context) -> None:
 
 def stage_verify(run: Run, ctx: Context) -> None:
     from .errors import ParityError
-    from .verify import VerifyConfig, failures, verify
+    from .stages.verify import VerifyConfig, failures, verify
 
     reports = verify(run, stage_config(VerifyConfig, ctx, "verify"), ctx.data_for(run))
     failed = failures(reports)
@@ -145,20 +145,20 @@ def stage_verify(run: Run, ctx: Context) -> None:
 
 
 def stage_bench(run: Run, ctx: Context) -> None:
-    from .bench import BenchConfig, bench
+    from .stages.bench import BenchConfig, bench
 
     bench(run, stage_config(BenchConfig, ctx, "bench"))
 
 
 def stage_explain(run: Run, ctx: Context) -> None:
-    from .explain import ExplainConfig, explain
+    from .stages.explain import ExplainConfig, explain
 
     explain(run, stage_config(ExplainConfig, ctx, "explain"), ctx.data_for(run))
 
 
 def stage_report(run: Run, ctx: Context) -> None:
-    from .divergence import record_node_divergence
-    from .report import write_report
+    from .stages.divergence import record_node_divergence
+    from .stages.report import write_report
 
     record_node_divergence(run, ctx.data_for(run))  # the per-node chart of quantized variants
     write_report(run)  # report.html + report.md in the run folder; `onnxpipe run` prints the path

@@ -124,23 +124,23 @@ class Run:
     @property
     def spec(self):
         """The run's ModelSpec: a registered model, a user factory, or an imported ONNX graph ("model_source")."""
-        from models import get_model
+        from .models import get_model
 
         source = self.manifest.get("model_source")
         if source is None:
             return get_model(self.model_name)
         if source.get("kind") == "factory":
-            from .byo import spec_from_source
+            from .core.byo import spec_from_source
 
             return spec_from_source(source)
         if source.get("kind") == "onnx":
-            from .importer import imported_spec
+            from .stages.importer import imported_spec
 
             return imported_spec(self.model_name, source)
         raise RunFolderError(f"{self.root / MANIFEST}: unknown model_source kind {source.get('kind')!r}")
 
     def model_config(self):
-        from models import replace_config
+        from .models import replace_config
 
         return replace_config(self.spec.config_cls(), self.manifest["model_config"])
 

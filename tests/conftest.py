@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import models  # noqa: F401  (registers the built-in models)
+import onnxpipe.models  # noqa: F401  (registers the built-in models)
 
 TINY_TRAIN = {"epochs": 3, "lr": 3e-3, "patience": 3}
 TINY_LIMIT = 400
@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """tiny_run(model) -> Path of a run folder with variants torch and onnx, made once per session."""
-    from pipeline.orchestrate import Context, run_model
+    from onnxpipe.orchestrate import Context, run_model
 
     cache: dict[str, Path] = {}
 

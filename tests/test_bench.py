@@ -4,11 +4,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.bench import BenchConfig, bench, bench_rows
-from pipeline.cli import app
-from pipeline.errors import ConfigError
-from pipeline.peak import measure_peak
-from pipeline.runfolder import Run
+from onnxpipe.stages.bench import BenchConfig, bench, bench_rows
+from onnxpipe.cli import app
+from onnxpipe.errors import ConfigError
+from onnxpipe.core.peak import measure_peak
+from onnxpipe.runfolder import Run
 
 CELL_KEYS = {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "runs", "throughput_rows_s", "speedup_vs_torch",
              "gflops", "fraction_of_peak", "compute_floor_ms", "overhead_ms", "limit"}
@@ -80,7 +80,7 @@ def test_cli_bench_prints_table_and_rejects_bad_options(copy_of):
 def test_timing_blocks_leave_the_cold_first_call_untimed():
     import time
 
-    from pipeline.timing import time_interleaved
+    from onnxpipe.core.timing import time_interleaved
 
     last = {"who": None}
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.byo import factory_spec, resolve_model
-from pipeline.cli import app
-from pipeline.errors import ArtifactError, ConfigError
-from pipeline.orchestrate import STAGES, Context, run_model
-from pipeline.runfolder import Run
-from pipeline.train import load_torch_model
+from onnxpipe.core.byo import factory_spec, resolve_model
+from onnxpipe.cli import app
+from onnxpipe.errors import ArtifactError, ConfigError
+from onnxpipe.orchestrate import STAGES, Context, run_model
+from onnxpipe.runfolder import Run
+from onnxpipe.stages.train import load_torch_model
 
 TINY = dict(limit=300, progress=False, train_overrides={"epochs": 3, "lr": 3e-3, "patience": 3})
 

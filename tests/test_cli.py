@@ -4,8 +4,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.atomic import sha256_file
-from pipeline.cli import app
+from onnxpipe.atomic import sha256_file
+from onnxpipe.cli import app
 
 runner = CliRunner()
 

@@ -5,8 +5,8 @@ import struct
 import numpy as np
 import pytest
 
-from pipeline.data import load_dataset, read_idx, reload_dataset, stratified_split
-from pipeline.errors import DataError
+from onnxpipe.core.data import load_dataset, read_idx, reload_dataset, stratified_split
+from onnxpipe.errors import DataError
 
 
 def write_idx(path, array: np.ndarray, gz: bool = False, magic: bytes | None = None):

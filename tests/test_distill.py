@@ -1,13 +1,13 @@
 """Distillation: a smaller student with its own export parity, lineage, scratch baseline and budget."""
 import pytest
 
-from pipeline.atomic import sha256_file
-from pipeline.data import reload_dataset
-from pipeline.distill import DistillConfig, distill, student_spec_and_config
-from pipeline.errors import ConfigError
-from pipeline.export import ExportConfig, export
-from pipeline.runfolder import Run
-from pipeline.verify import VerifyConfig, path_budget, verify
+from onnxpipe.atomic import sha256_file
+from onnxpipe.core.data import reload_dataset
+from onnxpipe.stages.distill import DistillConfig, distill, student_spec_and_config
+from onnxpipe.errors import ConfigError
+from onnxpipe.stages.export import ExportConfig, export
+from onnxpipe.runfolder import Run
+from onnxpipe.stages.verify import VerifyConfig, path_budget, verify
 
 TINY = dict(epochs=2, scratch_baseline=True)
 
@@ -22,7 +22,7 @@ def test_student_is_smaller_exports_with_parity_and_records_scratch(copy_of):
     assert d["distillation_gain_pt"] == pytest.approx(100 * (d["distilled_accuracy"] - d["scratch_accuracy"]))
     assert d["distilled_accuracy"] > 0.3  # well above chance (0.1) after two epochs
 
-    from pipeline.train import load_torch_variant
+    from onnxpipe.stages.train import load_torch_variant
 
     _, spec, cfg = load_torch_variant(run, "student")  # the student rebuilds as itself, not as its teacher
     assert spec.name == "cnn" and cfg.channels1 == 16 and cfg.hidden == 32
@@ -42,7 +42,7 @@ def test_student_is_smaller_exports_with_parity_and_records_scratch(copy_of):
     assert reports[("student", "student_onnx")].rule == "tensor" and reports[("student", "student_onnx")]
 
     # speedup over the teacher's fastest ONNX variant, from recorded timings (not wall-clock here)
-    from pipeline.distill import student_speedup
+    from onnxpipe.stages.distill import student_speedup
 
     run.set_metrics("onnx", latency_ms={"1": 0.08, "64": 2.0})
     run.set_metrics("student_onnx", latency_ms={"1": 0.05, "64": 0.5})
@@ -92,7 +92,7 @@ def test_bad_distill_settings(kwargs, message):
 def test_distill_command_runs_student_through_compression_and_selection(copy_of):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from onnxpipe.cli import app
 
     root = copy_of("gru")
     r = CliRunner().invoke(app, ["distill", str(root), "--epochs", "2", "--quiet", "--alpha", "0.5", "--temperature", "2"])
@@ -113,7 +113,7 @@ def test_distill_command_runs_student_through_compression_and_selection(copy_of)
 def test_mixup_draw_is_seeded_and_folded():
     import torch
 
-    from pipeline.train import _mixup_draw
+    from onnxpipe.stages.train import _mixup_draw
 
     a = [_mixup_draw(0.4, 16, torch.Generator().manual_seed(5)) for _ in range(2)]
     assert a[0][0] == a[1][0] and torch.equal(a[0][1], a[1][1])
@@ -131,8 +131,8 @@ def test_distill_with_mixup_records_it(copy_of):
 
 def test_student_over_budget_is_kept_but_never_selected(copy_of):
     """A student that misses its budget against the teacher is a selection gate, not a verify failure."""
-    from pipeline.select import verdict
-    from pipeline.verify import failures
+    from onnxpipe.stages.select import verdict
+    from onnxpipe.stages.verify import failures
 
     run = Run.open(copy_of("cnn"))
     ds = reload_dataset(run.manifest["dataset"])
@@ -148,7 +148,7 @@ def test_student_over_budget_is_kept_but_never_selected(copy_of):
 
 
 def test_summary_shows_a_missed_gate_as_over_budget(copy_of):
-    from pipeline.orchestrate import summary_rows
+    from onnxpipe.orchestrate import summary_rows
 
     run = Run.open(copy_of("gru"))
     ds = reload_dataset(run.manifest["dataset"])

@@ -18,10 +18,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.orchestrate import prepare_run
-from pipeline.runfolder import Run
-from pipeline.train import TrainConfig, train
+from onnxpipe.cli import app
+from onnxpipe.orchestrate import prepare_run
+from onnxpipe.runfolder import Run
+from onnxpipe.stages.train import TrainConfig, train
 
 LIMIT = 400
 # The CLI flags below and TRAIN must describe the same training.
@@ -64,7 +64,7 @@ def runs(tmp_path_factory):
     config = base / "train.json"
     config.write_text(json.dumps({"train": {"augment_shift": TRAIN.augment_shift}}))
     cli = ["train", "cnn", "--run", str(ddp), "--nproc", "2", "--config", str(config), *CLI_TRAIN]
-    killed_at = kill_after_first_checkpoint([sys.executable, "-m", "pipeline.cli", *cli], ddp / "checkpoints" / "last.pt")
+    killed_at = kill_after_first_checkpoint([sys.executable, "-m", "onnxpipe.cli", *cli], ddp / "checkpoints" / "last.pt")
     assert not (ddp / "model.pt").exists()
     result = CliRunner().invoke(app, [*cli, "--resume"])
     assert result.exit_code == 0, result.output

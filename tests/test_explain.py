@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from pipeline.explain import (ExplainConfig, attention_maps, choose_samples, explain, integrated_gradients)
-from pipeline.runfolder import Run
+from onnxpipe.stages.explain import (ExplainConfig, attention_maps, choose_samples, explain, integrated_gradients)
+from onnxpipe.runfolder import Run
 
 
 def assert_png(path):
@@ -40,7 +40,7 @@ def test_integrated_gradients_completeness_on_a_nonlinear_model():
 
 
 def test_attention_maps_are_the_models_attention_and_leave_its_output_alone():
-    from models import get_model
+    from onnxpipe.models import get_model
 
     spec = get_model("transformer")
     cfg = spec.make_config({"d_model": 16, "heads": 2, "layers": 2, "ff": 32, "dropout": 0.0})
@@ -70,8 +70,8 @@ def test_samples_put_misclassified_first():
 
 
 def test_explain_cnn_with_a_disagreeing_variant_shows_in_the_report(copy_of):
-    from pipeline.report import write_report
-    from pipeline.train import load_torch_model, save_weights
+    from onnxpipe.stages.report import write_report
+    from onnxpipe.stages.train import load_torch_model, save_weights
 
     run = Run.open(copy_of("cnn"))
     model = load_torch_model(run)
@@ -93,7 +93,7 @@ def test_explain_cnn_with_a_disagreeing_variant_shows_in_the_report(copy_of):
 
 @pytest.mark.parametrize("model_name", ["lstm", "transformer"])
 def test_explain_sequence_models(model_name, tmp_path):
-    from pipeline.orchestrate import Context, run_model
+    from onnxpipe.orchestrate import Context, run_model
 
     ctx = Context(limit=120, progress=False, train_overrides={"epochs": 1})
     run = run_model(model_name, tmp_path / model_name, ctx, stages=["train"])
@@ -104,7 +104,7 @@ def test_explain_sequence_models(model_name, tmp_path):
 
 
 def test_bad_explain_settings_are_config_errors():
-    from pipeline.errors import ConfigError
+    from onnxpipe.errors import ConfigError
 
     with pytest.raises(ConfigError, match="samples"):
         ExplainConfig(samples=0)

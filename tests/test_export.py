@@ -4,12 +4,12 @@ import onnx
 import pytest
 import torch
 
-from models import get_model, list_models
-from pipeline.errors import ExportError, ParityError
-from pipeline.export import ExportConfig, check_dynamic_dims, export, export_module
-from pipeline.parity import shape_grid, tensor_parity
-from pipeline.runfolder import Run
-from pipeline.runtime import make_session
+from onnxpipe.models import get_model, list_models
+from onnxpipe.errors import ExportError, ParityError
+from onnxpipe.stages.export import ExportConfig, check_dynamic_dims, export, export_module
+from onnxpipe.core.parity import shape_grid, tensor_parity
+from onnxpipe.runfolder import Run
+from onnxpipe.core.runtime import make_session
 
 MODELS = list_models()
 
@@ -84,7 +84,7 @@ def test_tensor_parity_catches_a_real_difference():
 
 
 def test_export_config_validation():
-    from pipeline.errors import ConfigError
+    from onnxpipe.errors import ConfigError
 
     with pytest.raises(ConfigError, match="opset must be between 13 and 23"):
         ExportConfig(opset=9)

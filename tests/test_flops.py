@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.flops import count_flops, count_variant_flops
-from pipeline.runfolder import Run
+from onnxpipe.core.flops import count_flops, count_variant_flops
+from onnxpipe.runfolder import Run
 
 
 def model(nodes, inputs, outputs, inits=(), opset=17):
@@ -87,7 +87,7 @@ def test_onnx_attention_counts_scores_and_weighted_sum():
 
 
 def test_symbolic_dimension_without_size_is_a_config_error():
-    from pipeline.errors import ConfigError
+    from onnxpipe.errors import ConfigError
 
     m = model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", ["batch", "seq_len"])], [vi("y", None)])
     with pytest.raises(ConfigError, match="seq_len"):

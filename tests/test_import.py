@@ -13,13 +13,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from pipeline import importer
-from pipeline.cli import app
-from pipeline.errors import ArtifactError, ConfigError
-from pipeline.importer import import_onnx
-from pipeline.orchestrate import STAGES, Context, run_stages
-from pipeline.runfolder import Run
-from pipeline.runtime import make_session
+from onnxpipe.stages import importer
+from onnxpipe.cli import app
+from onnxpipe.errors import ArtifactError, ConfigError
+from onnxpipe.stages.importer import import_onnx
+from onnxpipe.orchestrate import STAGES, Context, run_stages
+from onnxpipe.runfolder import Run
+from onnxpipe.core.runtime import make_session
 
 LIMIT = 400  # the tiny_run fixture's subset: the same split, so the same test images
 
@@ -94,12 +94,12 @@ def test_downstream_stages_use_the_imported_root(imported, tmp_path):
         run.spec.build(run.model_config())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pipeline.serving") is None, reason="no pipeline.serving here")
+@pytest.mark.skipif(importlib.util.find_spec("onnxpipe.serving") is None, reason="no pipeline.serving here")
 def test_serve_the_imported_model(imported):
     import httpx
 
-    from pipeline.serving.app import ServeConfig, serve_in_thread
-    from pipeline.serving.model import ServedModel
+    from onnxpipe.serving.app import ServeConfig, serve_in_thread
+    from onnxpipe.serving.model import ServedModel
 
     run, _ = imported
     x = np.load(run.root / "reference.npz")["inputs"][:3]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.runfolder import Run
+from onnxpipe.runfolder import Run
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "keras_cnn.py"
 

@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from models import ModelSpec, get_model, list_models, register_model
-from models.registry import UnknownModelError
+from onnxpipe.models import ModelSpec, get_model, list_models, register_model
+from onnxpipe.models.registry import UnknownModelError
 
 MODELS = list_models()
 

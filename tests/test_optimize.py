@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 
-from models import list_models
-from pipeline.errors import ConfigError
-from pipeline.optimize import OptimizeConfig, fusion_summary, op_counts, optimize
-from pipeline.parity import shape_grid
-from pipeline.runfolder import Run
-from pipeline.runtime import make_session
+from onnxpipe.models import list_models
+from onnxpipe.errors import ConfigError
+from onnxpipe.stages.optimize import OptimizeConfig, fusion_summary, op_counts, optimize
+from onnxpipe.core.parity import shape_grid
+from onnxpipe.runfolder import Run
+from onnxpipe.core.runtime import make_session
 
 
 @pytest.mark.parametrize("model", list_models())
@@ -53,7 +53,7 @@ def test_cnn_convs_fuse_with_their_relus(copy_of):
 def test_attention_fold_leaves_other_graphs_alone(tiny_run):
     import onnx
 
-    from pipeline.attention import fold_attention_layout
+    from onnxpipe.stages.attention import fold_attention_layout
 
     for model in ("cnn", "lstm"):
         graph = onnx.load(str(Run.open(tiny_run(model)).path("onnx")))

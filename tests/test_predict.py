@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.data import _shape_for
-from pipeline.errors import DataError
-from pipeline.predict import load_inputs, predict_files
-from pipeline.runfolder import Run
+from onnxpipe.cli import app
+from onnxpipe.core.data import _shape_for
+from onnxpipe.errors import DataError
+from onnxpipe.stages.predict import load_inputs, predict_files
+from onnxpipe.runfolder import Run
 
 SHAPE = [None, 1, 28, 28]
 

@@ -8,15 +8,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from models import list_models
-from pipeline.budget import Budget, FitResult, fit_budget, node_errors
-from pipeline.data import Dataset, reload_dataset
-from pipeline.errors import ArtifactError, ConfigError, DataError
-from pipeline.parity import ParityReport
-from pipeline.quantize import QuantizeConfig, calibration_samples, count_int8_nodes, quantize
-from pipeline.runfolder import Run
-from pipeline.runtime import make_session
-from pipeline.variants import predict_batched
+from onnxpipe.models import list_models
+from onnxpipe.stages.budget import Budget, FitResult, fit_budget, node_errors
+from onnxpipe.core.data import Dataset, reload_dataset
+from onnxpipe.errors import ArtifactError, ConfigError, DataError
+from onnxpipe.core.parity import ParityReport
+from onnxpipe.stages.quantize import QuantizeConfig, calibration_samples, count_int8_nodes, quantize
+from onnxpipe.runfolder import Run
+from onnxpipe.core.runtime import make_session
+from onnxpipe.core.predictors import predict_batched
 
 LOOSE = dict(max_accuracy_drop=100.0, min_agreement=0.0)   # lets every mode through: tests applicability
 
@@ -203,7 +203,7 @@ def test_budget_rejects_nan_and_quantize_refuses_lossy_source(copy_of):
 def test_cli_bad_quantize_arguments_print_one_line_and_exit_1(copy_of, args, message):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from onnxpipe.cli import app
 
     result = CliRunner().invoke(app, ["quantize", str(copy_of("cnn")), *args])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output

@@ -8,9 +8,9 @@ from html.parser import HTMLParser
 import pytest
 from PIL import Image
 
-from pipeline.bench import BenchConfig, bench
-from pipeline.report import ASSETS, REPORT_HTML, REPORT_MD, fmt_acc, fmt_ms, pareto_front, write_report
-from pipeline.runfolder import Run
+from onnxpipe.stages.bench import BenchConfig, bench
+from onnxpipe.stages.report import ASSETS, REPORT_HTML, REPORT_MD, fmt_acc, fmt_ms, pareto_front, write_report
+from onnxpipe.runfolder import Run
 
 
 class Tables(HTMLParser):
@@ -106,7 +106,7 @@ def test_pareto_front_keeps_only_undominated_points():
 
 
 def test_pipeline_ends_with_bench_explain_report_stages(copy_of):
-    from pipeline.orchestrate import STAGES, Context
+    from onnxpipe.orchestrate import STAGES, Context
 
     names = [n for n, _ in STAGES]
     assert names[-3:] == ["bench", "explain", "report"] and names.index("verify") < names.index("bench")
@@ -123,7 +123,7 @@ def test_pipeline_ends_with_bench_explain_report_stages(copy_of):
 def test_cli_report_writes_both_files(copy_of):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from onnxpipe.cli import app
 
     root = copy_of("cnn")
     res = CliRunner().invoke(app, ["report", str(root)])
@@ -135,8 +135,8 @@ def test_cli_report_writes_both_files(copy_of):
 def test_per_node_divergence_of_a_quantized_variant_is_measured_and_charted(copy_of):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from pipeline.data import reload_dataset
-    from pipeline.divergence import record_node_divergence
+    from onnxpipe.core.data import reload_dataset
+    from onnxpipe.stages.divergence import record_node_divergence
 
     run = Run.open(copy_of("cnn"))
     quantize_dynamic(str(run.path("onnx")), str(run.root / "int8.onnx"), weight_type=QuantType.QInt8)

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from pipeline.atomic import atomic_path, sha256_file
-from pipeline.errors import ArtifactError, DeviceError, RunFolderError
-from pipeline.runfolder import Run
-from pipeline.runtime import make_session, resolve_providers
-from pipeline.variants import load_predictor
+from onnxpipe.atomic import atomic_path, sha256_file
+from onnxpipe.errors import ArtifactError, DeviceError, RunFolderError
+from onnxpipe.runfolder import Run
+from onnxpipe.core.runtime import make_session, resolve_providers
+from onnxpipe.core.predictors import load_predictor
 
 
 def test_manifest_matches_files(tiny_run):

@@ -2,13 +2,13 @@
 real timing pass that writes latency, marks and the machine record."""
 import pytest
 
-from pipeline.cpu import cpu_features, features_from_flags, parse_cpuinfo
-from pipeline.data import reload_dataset
-from pipeline.errors import ConfigError
-from pipeline.orchestrate import STAGES, Context
-from pipeline.quantize import QuantizeConfig, quantize
-from pipeline.runfolder import Run
-from pipeline.select import SelectConfig, choose, score, select, verdict
+from onnxpipe.core.cpu import cpu_features, features_from_flags, parse_cpuinfo
+from onnxpipe.core.data import reload_dataset
+from onnxpipe.errors import ConfigError
+from onnxpipe.orchestrate import STAGES, Context
+from onnxpipe.stages.quantize import QuantizeConfig, quantize
+from onnxpipe.runfolder import Run
+from onnxpipe.stages.select import SelectConfig, choose, score, select, verdict
 
 
 def v(b1, b64, *, parent=None, lossy=False, eligible=True, why=""):

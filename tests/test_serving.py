@@ -18,11 +18,11 @@ import httpx
 import numpy as np
 import pytest
 
-from pipeline.runfolder import Run
-from pipeline.runtime import make_session
-from pipeline.serving.app import ServeConfig, serve_in_thread
-from pipeline.serving.batcher import DynamicBatcher
-from pipeline.serving.model import ServedModel
+from onnxpipe.runfolder import Run
+from onnxpipe.core.runtime import make_session
+from onnxpipe.serving.app import ServeConfig, serve_in_thread
+from onnxpipe.serving.batcher import DynamicBatcher
+from onnxpipe.serving.model import ServedModel
 
 POISON = 12345.0  # a pixel value that makes the test server feed ONNX Runtime a broken tensor
 
@@ -360,7 +360,7 @@ def test_tampered_artifact_never_becomes_ready(copy_of):
 
 def test_self_test_failure_keeps_the_model_unready(copy_of):
     """A model that does not reproduce the recorded reference outputs is not served."""
-    from pipeline.atomic import sha256_file
+    from onnxpipe.atomic import sha256_file
 
     root = copy_of("cnn")
     z = dict(np.load(root / "reference.npz"))
@@ -377,7 +377,7 @@ def test_self_test_failure_keeps_the_model_unready(copy_of):
 def test_cli_serve_exits_cleanly_on_sigterm_after_finishing_in_flight_work(tiny_run, cnn):
     root = tiny_run("cnn")
     _, pool, want = cnn
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(root), "--port", "0", "--device", "cpu"],
+    proc = subprocess.Popen([sys.executable, "-m", "onnxpipe.cli", "serve", str(root), "--port", "0", "--device", "cpu"],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         url = None
@@ -420,7 +420,7 @@ def test_cli_serve_cuda_without_provider_is_a_clear_error(tiny_run):
     import onnxruntime as ort
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from onnxpipe.cli import app
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has a CUDA provider")
@@ -463,8 +463,8 @@ def test_serve_on_cuda_reports_the_cuda_provider_and_passes_the_self_test(tiny_r
 
 def test_protocol_datatypes_beyond_fp32():
     """FP16 and INT64 in JSON and binary; integers are not silently truncated; token ids are range-checked."""
-    from pipeline.serving.model import TensorMeta
-    from pipeline.serving.protocol import RequestError, encode_infer_response, parse_infer_request
+    from onnxpipe.serving.model import TensorMeta
+    from onnxpipe.serving.protocol import RequestError, encode_infer_response, parse_infer_request
 
     half = np.array([[0.5, -2.0, 65504.0]], np.float16)
     head = json.dumps({"inputs": [{"name": "h", "shape": [1, 3], "datatype": "FP16",

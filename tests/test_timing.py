@@ -1,6 +1,6 @@
 import time
 
-from pipeline.timing import summarize, time_interleaved
+from onnxpipe.core.timing import summarize, time_interleaved
 
 
 def test_summarize_percentiles_ordered_and_throughput():

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.atomic import sha256_file
-from pipeline.cli import app
-from pipeline.errors import ConfigError
-from pipeline.runfolder import Run
-from pipeline.serving.triton import TritonConfig, config_pbtxt, export_triton
+from onnxpipe.atomic import sha256_file
+from onnxpipe.cli import app
+from onnxpipe.errors import ConfigError
+from onnxpipe.runfolder import Run
+from onnxpipe.serving.triton import TritonConfig, config_pbtxt, export_triton
 
 
 def triton_model_config():

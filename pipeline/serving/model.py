@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ArtifactError, ConfigError, OnnxpipeError
-from ..parity import compare_tensor
+from ..core.parity import compare_tensor
 from ..runfolder import Run
-from ..runtime import Session, make_session, resolve_providers
+from ..core.runtime import Session, make_session, resolve_providers
 from .protocol import ORT_TO_V2, InferRequest, RequestError
 
 log = logging.getLogger("onnxpipe.serve")
@@ -153,7 +153,7 @@ class ServedModel:
 
     def _run_self_test(self) -> SelfTest:
         """Replay the reference inputs (as one batch and one row at a time) and judge by the parity policy."""
-        from ..verify import path_is_lossy
+        from ..stages.verify import path_is_lossy
 
         x, want, ref_variant = self._reference()
         got = np.asarray(self.session.run(x)[0], np.float32)

@@ -33,8 +33,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .atomic import sha256_file
-from .errors import ArtifactError, ConfigError
+from ..atomic import sha256_file
+from ..errors import ArtifactError, ConfigError
 
 SCALARS = (bool, int, float, str, type(None))
 ALLOWED_DTYPES = {"torch.float32": "float32", "torch.int64": "int64"}
@@ -48,7 +48,7 @@ def is_factory_ref(name: str) -> bool:
 
 def resolve_model(name: str):
     """A registered model by name, or a user factory by reference."""
-    from models import UnknownModelError, get_model
+    from ..models import UnknownModelError, get_model
 
     if is_factory_ref(name):
         return factory_spec(name)
@@ -250,7 +250,7 @@ def factory_spec(ref: str):
     """Load the factory behind `ref` and describe it as a ModelSpec (checked by running it once)."""
     from torch import nn
 
-    from models import InputSpec, ModelSpec
+    from ..models import InputSpec, ModelSpec
 
     factory, module, source = load_factory(ref)
     where, attr = _split_ref(ref)
@@ -331,7 +331,7 @@ def adopt_weights(run, weights: Path | None, ds, *, seed: int = 0):
 
     import torch
 
-    from .train import WEIGHTS, evaluate, save_weights, set_determinism
+    from ..stages.train import WEIGHTS, evaluate, save_weights, set_determinism
 
     spec, cfg = run.spec, run.model_config()
     set_determinism(seed)

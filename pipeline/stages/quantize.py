@@ -25,15 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-import models  # noqa: F401  must come before onnxruntime.transformers, whose folder (on sys.path) holds another `models`
-
-from .atomic import atomic_path
+from ..atomic import atomic_path
 from .attention import fold_file
 from .budget import COMPUTE_OPS, Budget, fit_budget, node_errors, verdict_line
-from .data import Dataset
-from .errors import ArtifactError, ConfigError, DataError
-from .runfolder import Artifact, Run
-from .variants import predict_batched
+from ..core.data import Dataset
+from ..errors import ArtifactError, ConfigError, DataError
+from ..runfolder import Artifact, Run
+from ..core.predictors import predict_batched
 
 MODES = ("dynamic", "static", "fp16")
 VARIANTS = {"dynamic": "int8_dynamic", "static": "int8_static", "fp16": "fp16"}
@@ -283,7 +281,7 @@ def _builder(mode: str, cfg: QuantizeConfig, family: str, src: Path, pre: Path, 
 def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, source: str,
                   parent_logits: np.ndarray, workdir: Path) -> ModeResult:
     from .export import onnx_opset
-    from .runtime import make_session
+    from ..core.runtime import make_session
 
     variant = variant_name(source, mode)
     src = run.path(source)
@@ -373,7 +371,7 @@ def forget_variant(run: Run, variant: str) -> None:
 
 def quantize(run: Run, cfg: QuantizeConfig, ds: Dataset, *, source: str = "onnx") -> list[ModeResult]:
     """Build every mode of cfg.modes() from variant `source`; record the ones within budget."""
-    from .runtime import make_session
+    from ..core.runtime import make_session
 
     art = run.artifact(source)
     if art.format != "onnx" or art.lossy:

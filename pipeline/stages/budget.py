@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConfigError
-from .parity import ParityReport, task_parity
+from ..errors import ConfigError
+from ..core.parity import ParityReport, task_parity
 
 # Ops whose quantization changes numerics (weights or a matmul-like kernel): the exclusion candidates.
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "LSTM", "GRU", "Gather")

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ArtifactError, ConfigError
-from .runfolder import Run
+from ..errors import ArtifactError, ConfigError
+from ..runfolder import Run
 
 TIMING_BLOCK = 3   # per round, each variant runs 3 times back to back; the first re-warms caches, untimed
 
@@ -118,7 +118,7 @@ def machine_record(threads: int) -> dict:
     """The CPU features and ORT session settings that the timings depend on."""
     import onnxruntime as ort
 
-    from .cpu import cpu_features
+    from ..core.cpu import cpu_features
 
     return {
         "cpu": cpu_features(),
@@ -136,8 +136,8 @@ def machine_record(threads: int) -> dict:
 
 def time_variants(run: Run, names: list[str], cfg: SelectConfig) -> dict[str, dict[str, object]]:
     """{variant: {batch (str): Latency}} for ONNX variants, interleaved per batch size."""
-    from .timing import time_interleaved
-    from .variants import load_predictor
+    from ..core.timing import time_interleaved
+    from ..core.predictors import load_predictor
 
     spec, model_cfg = run.spec, run.model_config()
     # Spinning off: the sessions take turns on the same cores, and an idle session's busy-waiting
@@ -155,7 +155,7 @@ def time_variants(run: Run, names: list[str], cfg: SelectConfig) -> dict[str, di
 
 def select(run: Run, cfg: SelectConfig) -> Selection:
     """Time the run's ONNX variants, choose, and record timings, marks and the choice in the manifest."""
-    from .runtime import physical_cores
+    from ..core.runtime import physical_cores
 
     names = [v for v in run.variants() if run.artifact(v).format == "onnx"]
     if not names:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
-from .runfolder import Run
+from ..errors import DataError
+from ..runfolder import Run
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 NATIVE_SIZE = {"digits": 8}   # sources whose images were resized for the model: resize real images the same way
@@ -149,7 +149,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def predict_files(run: Run, paths: list[Path], *, variant: str | None = None, device: str = "cpu",
                   raw: bool = False, invert: str = "auto", top: int = 1) -> list[Prediction]:
-    from .variants import load_predictor
+    from ..core.predictors import load_predictor
 
     variant = variant or run.manifest.get("selected") or "onnx"
     predictor = load_predictor(run, variant, device=device)  # sha256-checked

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch.nn import functional as F
 
-from .data import Dataset
-from .errors import ConfigError
-from .runfolder import Artifact, Run
+from ..core.data import Dataset
+from ..errors import ConfigError
+from ..runfolder import Artifact, Run
 
 STUDENT_FILE = "student.pt"
 
@@ -60,7 +60,7 @@ def resolve(cfg: DistillConfig, spec) -> DistillConfig:
 
 def student_spec_and_config(run: Run, cfg: DistillConfig):
     """The student's ModelSpec and config, adapted to the run's data."""
-    from models import get_model, replace_config
+    from ..models import get_model, replace_config
 
     teacher_spec, teacher_cfg = run.spec, run.model_config()
     sample_shape = tuple(run.manifest["dataset"]["sample_shape"])

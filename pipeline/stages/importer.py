@@ -19,9 +19,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from .atomic import atomic_path, sha256_file
-from .errors import ArtifactError, ConfigError, DataError
-from .runfolder import Run
+from ..atomic import atomic_path, sha256_file
+from ..errors import ArtifactError, ConfigError, DataError
+from ..runfolder import Run
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -34,7 +34,7 @@ TORCH_STAGES = ("train", "export", "distill", "explain")
 
 def stages_for_import(requested: str) -> list[str]:
     """`--stages` of `onnxpipe import`: 'all' (every stage that applies) or a comma-separated list."""
-    from .orchestrate import STAGES
+    from ..orchestrate import STAGES
 
     names = [n for n, _ in STAGES]
     if requested.strip() == "all":
@@ -151,7 +151,7 @@ def describe_graph(model, sample_shape: tuple[int, ...] | None) -> dict:
 
 def imported_spec(name: str, source: dict):
     """A ModelSpec for an imported graph: no PyTorch builder, inputs and outputs from the record."""
-    from models import InputSpec, ModelSpec
+    from ..models import InputSpec, ModelSpec
 
     inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), {int(a): n for a, n in i["dynamic"].items()}, i["dtype"])
                    for i in source["inputs"])
@@ -225,11 +225,11 @@ def import_onnx(model_file: str | Path, root: str | Path, *, data: str | None = 
     built beside `root` and renamed into place, so a failed import leaves nothing behind."""
     import onnx
 
-    from .data import load_dataset
+    from ..core.data import load_dataset
     from .export import write_reference
-    from .parity import shape_grid
-    from .runtime import make_session
-    from .variants import predict_batched
+    from ..core.parity import shape_grid
+    from ..core.runtime import make_session
+    from ..core.predictors import predict_batched
 
     src = Path(model_file).expanduser()
     model = _load_graph(src)

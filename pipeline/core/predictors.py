@@ -5,7 +5,7 @@ from typing import Callable
 
 import numpy as np
 
-from .runfolder import Run
+from ..runfolder import Run
 
 Predictor = Callable[..., np.ndarray]
 
@@ -17,7 +17,7 @@ def load_predictor(run: Run, variant: str, *, device: str = "cpu", threads: int 
     if art.format == "torch":
         import torch
 
-        from .train import load_torch_model
+        from ..stages.train import load_torch_model
 
         model = load_torch_model(run, variant)
 

@@ -5,8 +5,8 @@ of each compute node's output, and the error it adds over its input), run on a f
 never test data. It is stored as metrics[v]["node_divergence"] and computed only where missing."""
 from __future__ import annotations
 
-from .data import Dataset
-from .runfolder import Run
+from ..core.data import Dataset
+from ..runfolder import Run
 
 SAMPLES = 64
 BATCH = 32

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .atomic import atomic_path
-from .data import Dataset
+from ..atomic import atomic_path
+from ..core.data import Dataset
 from .distributed import SINGLE_PROCESS, World, load_checkpoint
-from .errors import ConfigError
-from .runfolder import Artifact, Run
+from ..errors import ConfigError
+from ..runfolder import Artifact, Run
 
 CHECKPOINT = "checkpoints/last.pt"
 WEIGHTS = "model.pt"
@@ -203,7 +203,7 @@ def load_torch_variant(run: Run, variant: str = "torch"):
     """(module, spec, config) of a torch variant, rebuilt from its checkpoint (sha256-checked; weights_only).
 
     The checkpoint names its own model and config, so a student of another size or model rebuilds as itself."""
-    from models import get_model, replace_config
+    from ..models import get_model, replace_config
 
     ck = torch.load(run.path(variant), weights_only=True)
     # The run's own model may be a user factory or an imported graph: the run folder knows how to rebuild it.

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError
 
 CONV = {"Conv", "FusedConv", "ConvInteger", "QLinearConv"}
 GEMM = {"Gemm", "FusedGemm", "QGemm"}

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .atomic import write_bytes
-from .data import Dataset
-from .errors import ConfigError
-from .runfolder import Run
+from ..atomic import write_bytes
+from ..core.data import Dataset
+from ..errors import ConfigError
+from ..runfolder import Run
 
 FOLDER = "explain"
 
@@ -191,9 +191,9 @@ def explain(run: Run, cfg: ExplainConfig, ds: Dataset | None = None) -> dict:
     """Attributions (and attention maps) for chosen test samples; PNG grids + manifest["explain"]."""
     import torch
 
-    from .data import reload_dataset
+    from ..core.data import reload_dataset
     from .train import load_torch_model
-    from .variants import load_predictor, predict_batched
+    from ..core.predictors import load_predictor, predict_batched
 
     ds = ds or reload_dataset(run.manifest["dataset"])
     model = load_torch_model(run, "torch")

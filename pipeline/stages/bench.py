@@ -24,10 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConfigError
-from .runfolder import Run
-from .runtime import physical_cores
-from .timing import time_interleaved
+from ..errors import ConfigError
+from ..runfolder import Run
+from ..core.runtime import physical_cores
+from ..core.timing import time_interleaved
 
 REFERENCE = "torch"
 
@@ -106,10 +106,10 @@ def _cell(lat, flops, peak, overhead_ms: float, reference_p50: float | None) -> 
 
 def bench(run: Run, cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> dict:
     """Measure every variant; write metrics[v]["bench"] and manifest["bench"]; return manifest["bench"]."""
-    from .flops import count_variant_flops
-    from .memprobe import measure_in_fresh_process
-    from .peak import EMPTY, limit_probes, machine_info, peak_for, peak_from
-    from .variants import load_predictor
+    from ..core.flops import count_variant_flops
+    from ..core.memprobe import measure_in_fresh_process
+    from ..core.peak import EMPTY, limit_probes, machine_info, peak_for, peak_from
+    from ..core.predictors import load_predictor
 
     say = log or (lambda msg: None)
     variants = list(cfg.variants or run.variants())

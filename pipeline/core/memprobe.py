@@ -1,6 +1,6 @@
 """Peak resident memory of a fresh process that loads one variant and runs it: what a deployment pays.
 
-Run as `python -m pipeline.memprobe RUN VARIANT INPUTS.npz --threads N --device D`; it prints one JSON
+Run as `python -m onnxpipe.core.memprobe RUN VARIANT INPUTS.npz --threads N --device D`; it prints one JSON
 line. Only the variant's own runtime is imported (onnxruntime for ONNX variants, torch for torch
 ones), so the number includes the runtime a deployment would have to load too. `import_rss_mb` is
 the peak after importing that runtime, before the model, so a reader can split the two."""
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArtifactError
+from ..errors import ArtifactError
 
 
 def _peak_rss_mb() -> float:
@@ -33,7 +33,7 @@ def _peak_rss_mb() -> float:
 
 def probe(run_dir: str, variant: str, inputs_file: str, *, threads: int, device: str, repeat: int = 3) -> dict:
     """In this process: import the runtime, load the variant, run it `repeat` times; peak RSS before / after."""
-    from .runfolder import Run
+    from ..runfolder import Run
 
     run = Run.open(run_dir)
     if run.artifact(variant).format == "torch":
@@ -43,7 +43,7 @@ def probe(run_dir: str, variant: str, inputs_file: str, *, threads: int, device:
     else:
         import onnxruntime  # noqa: F401  (the runtime alone, for import_rss_mb)
     import_rss = _peak_rss_mb()
-    from .variants import load_predictor
+    from .predictors import load_predictor
 
     fn = load_predictor(run, variant, device=device, threads=threads)
     with np.load(inputs_file) as z:
@@ -60,7 +60,7 @@ def measure_in_fresh_process(run_dir: Path, variant: str, inputs: list[np.ndarra
     inputs_file = tmp / f"memprobe-inputs-{len(inputs[0])}.npz"
     if not inputs_file.exists():
         np.savez(inputs_file, **{f"x{i}": x for i, x in enumerate(inputs)})
-    cmd = [sys.executable, "-m", "pipeline.memprobe", str(run_dir), variant, str(inputs_file),
+    cmd = [sys.executable, "-m", "onnxpipe.core.memprobe", str(run_dir), variant, str(inputs_file),
            "--threads", str(threads), "--device", device]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -73,7 +73,7 @@ def measure_in_fresh_process(run_dir: Path, variant: str, inputs: list[np.ndarra
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipeline.memprobe", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m onnxpipe.core.memprobe", description=__doc__.splitlines()[0])
     p.add_argument("run")
     p.add_argument("variant")
     p.add_argument("inputs", help=".npz whose arrays, in name order, are the model's inputs")

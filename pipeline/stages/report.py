@@ -22,8 +22,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import write_bytes
-from .runfolder import Run
+from ..atomic import write_bytes
+from ..runfolder import Run
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"

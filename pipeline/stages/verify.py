@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import Dataset
-from .errors import ConfigError
-from .parity import ParityReport, shape_grid, task_parity, tensor_parity
-from .runfolder import Run
-from .variants import load_predictor, predict_batched
+from ..core.data import Dataset
+from ..errors import ConfigError
+from ..core.parity import ParityReport, shape_grid, task_parity, tensor_parity
+from ..runfolder import Run
+from ..core.predictors import load_predictor, predict_batched
 
 
 @dataclass(frozen=True)

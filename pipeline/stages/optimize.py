@@ -13,11 +13,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 from .attention import fold_file
-from .errors import ArtifactError, ConfigError, ParityError
-from .parity import shape_grid, tensor_parity
-from .runfolder import Artifact, Run
+from ..errors import ArtifactError, ConfigError, ParityError
+from ..core.parity import shape_grid, tensor_parity
+from ..runfolder import Artifact, Run
 
 SAVE_LEVELS = ("basic", "extended")          # portable: no hardware-specific layouts in the file
 HARDWARE_LEVELS = ("layout", "all")
@@ -91,7 +91,7 @@ def optimized_name(source: str) -> str:
 def optimize(run: Run, cfg: OptimizeConfig, *, source: str = "onnx", variant: str | None = None) -> Artifact:
     """Optimize variant `source` offline at cfg.level into `variant` (default onnx_opt); gate on grid parity."""
     from .export import onnx_opset
-    from .runtime import make_session
+    from ..core.runtime import make_session
 
     variant = variant or optimized_name(source)
     art = run.artifact(source)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path, sha256_file
-from .errors import ConfigError, ExportError, ParityError
-from .parity import shape_grid, tensor_parity
-from .runfolder import Artifact, Run
+from ..atomic import atomic_path, sha256_file
+from ..errors import ConfigError, ExportError, ParityError
+from ..core.parity import shape_grid, tensor_parity
+from ..runfolder import Artifact, Run
 
 ONNX_FILE = "model.onnx"
 REFERENCE_FILE = "reference.npz"
@@ -135,9 +135,9 @@ def check_dynamic_dims(model, spec) -> None:
 def export(run: Run, cfg: ExportConfig, *, source: str = "torch", target: str = "onnx",
            test_inputs: np.ndarray | None = None) -> Artifact:
     """Export torch variant `source` to ONNX variant `target` and gate it on grid parity."""
-    from .runtime import make_session
+    from ..core.runtime import make_session
     from .train import load_torch_variant
-    from .variants import load_predictor
+    from ..core.predictors import load_predictor
 
     module, spec, model_cfg = load_torch_variant(run, source)
     opset = cfg.opset or spec.opset

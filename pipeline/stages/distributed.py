@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, DeviceError, OnnxpipeError, RunFolderError
+from ..errors import ConfigError, DeviceError, OnnxpipeError, RunFolderError
 
 
 @dataclass
@@ -166,8 +166,8 @@ def init_world(rank: int, size: int, local_rank: int, device: str, init_method: 
 
 def train_rank(world: World, job: Job, manifest: dict | None = None):
     """One rank's share of `train`: every rank trains, rank 0 records the artifact."""
-    from .data import reload_dataset
-    from .runfolder import Run
+    from ..core.data import reload_dataset
+    from ..runfolder import Run
     from .train import train
 
     if manifest is None:  # rank 0 reads the run folder, the others get its manifest
@@ -193,9 +193,6 @@ def leave(world: World) -> None:
 
 def _spawned(rank: int, size: int, init_method: str, job: Job, errors) -> None:
     """Entry point of a process started by `spawn` (must be importable at module level)."""
-    # A spawned child inherits the parent's sys.path. If the parent had imported onnxruntime.transformers,
-    # its folder (which holds another `models`, a namespace package here) would shadow ours.
-    sys.path[:] = [p for p in sys.path if Path(p).parts[-2:] != ("onnxruntime", "transformers")]
     try:
         world = init_world(rank, size, rank, job.device, init_method)
         train_rank(world, job)
@@ -210,7 +207,7 @@ def spawn_training(job: Job, nproc: int) -> None:
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
-    from . import errors as error_types
+    from .. import errors as error_types
     from .train import CHECKPOINT
 
     check_device(job.device, nproc)
@@ -238,8 +235,8 @@ def torchrun_training(prepare, config_for, *, device: str, resume: bool, progres
     Returns the Run on rank 0 and None on the others."""
     import torch.distributed as dist
 
-    from . import errors as error_types
-    from .runfolder import Run
+    from .. import errors as error_types
+    from ..runfolder import Run
 
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

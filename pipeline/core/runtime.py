@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import ArtifactError, ConfigError, DeviceError
+from ..errors import ArtifactError, ConfigError, DeviceError
 
 Device = Literal["auto", "cpu", "cuda"]
 OPT_LEVELS = ("disable", "basic", "extended", "layout", "all")
