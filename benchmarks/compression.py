@@ -61,7 +61,7 @@ def build(model: str, size: str, args) -> Path:
     overrides = {"epochs": args.base_epochs} if size == "base" else {}
     t0 = time.monotonic()
     print(f"[build] {model} {size}: {', '.join(BUILD_STAGES)}", file=sys.stderr, flush=True)
-    run_model(model, root, Context(progress=False, train_overrides=overrides), size=None if size == "default" else size,
+    run_model(model, root, Context(progress=False, sections={"train": overrides}), size=None if size == "default" else size,
               force=True, stages=BUILD_STAGES)
     print(f"[build] {model} {size}: {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     return root
@@ -69,30 +69,18 @@ def build(model: str, size: str, args) -> Path:
 
 def measure(root: Path, threads: int, batches: list[int], args) -> dict:
     """{batch: {"sets": [{variant: p50_ms}]}} for torch, onnx and every other ONNX variant."""
-    import torch
-
-    from onnxpipe.runfolder import Run
-    from onnxpipe.core.timing import time_interleaved
     from onnxpipe.core.predictors import load_predictor
+    from onnxpipe.core.timing import time_predictors
+    from onnxpipe.runfolder import Run
+    from onnxpipe.stages.select import example_batches
 
     run = Run.open(root)
     names = ["torch"] + [v for v in run.variants() if run.artifact(v).format == "onnx"]
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        fns = {v: load_predictor(run, v, threads=threads, spinning=False) for v in names}
-        out = {}
-        for b in batches:
-            x = [t.numpy() for t in run.spec.example_inputs(run.model_config(), batch=b)]
-            sets = []
-            for _ in range(args.repeats):
-                lat = time_interleaved({v: (lambda f=fns[v]: f(*x)) for v in names}, batch=b, warmup=3,
-                                       runs=args.runs, block=3)
-                sets.append({v: lat[v].p50 for v in names})
-            out[str(b)] = {"sets": sets}
-    finally:
-        torch.set_num_threads(saved)
-    return out
+    # torch variants honour `threads` through the same predictor interface as ONNX ones
+    fns = {v: load_predictor(run, v, threads=threads, spinning=False) for v in names}
+    inputs = example_batches(run, "onnx", batches)
+    sets = [time_predictors(fns, inputs, warmup=3, runs=args.runs, block=3) for _ in range(args.repeats)]
+    return {str(b): {"sets": [{v: s[b][v].p50 for v in names} for s in sets]} for b in batches}
 
 
 def measure_int8_pairs(root: Path, threads: int, batches: list[int], args) -> dict:
@@ -102,10 +90,12 @@ def measure_int8_pairs(root: Path, threads: int, batches: list[int], args) -> di
     import tempfile
 
     from onnxpipe.core.data import reload_dataset
-    from onnxpipe.stages.quantize import QuantizeConfig, quantize
-    from onnxpipe.runfolder import Run
-    from onnxpipe.core.timing import time_interleaved
     from onnxpipe.core.predictors import load_predictor
+    from onnxpipe.core.timing import time_predictors
+    from onnxpipe.runfolder import Run
+    from onnxpipe.stages.configs import QuantizeConfig
+    from onnxpipe.stages.quantize import quantize
+    from onnxpipe.stages.select import example_batches
 
     run = Run.open(root)
     if not run.has("int8_static"):
@@ -114,16 +104,15 @@ def measure_int8_pairs(root: Path, threads: int, batches: list[int], args) -> di
         copy = Path(shutil.copytree(root, Path(tmp) / root.name))
         scratch = Run.open(copy)
         cfg = QuantizeConfig(mode="static", activation_type="int8", max_accuracy_drop=100.0, min_agreement=0.0)
-        quantize(scratch, cfg, reload_dataset(scratch.manifest["dataset"]))
+        quantize(scratch, cfg, reload_dataset(scratch.dataset_info))
         fns = {"fp32": load_predictor(run, "onnx", threads=threads, spinning=False),
                "u8s8": load_predictor(run, "int8_static", threads=threads, spinning=False),
                "s8s8": load_predictor(scratch, "int8_static", threads=threads, spinning=False)}
+        inputs = example_batches(run, "onnx", batches)
+        timed = [time_predictors(fns, inputs, warmup=3, runs=args.runs, block=3) for _ in range(args.repeats)]
         out = {}
         for b in batches:
-            x = [t.numpy() for t in run.spec.example_inputs(run.model_config(), batch=b)]
-            sets = [{k: v.p50 for k, v in time_interleaved({n: (lambda f=f: f(*x)) for n, f in fns.items()}, batch=b,
-                                                           warmup=3, runs=args.runs, block=3).items()}
-                    for _ in range(args.repeats)]
+            sets = [{k: v.p50 for k, v in s[b].items()} for s in timed]
             out[str(b)] = {"sets": sets, "s8s8_vs_u8s8": ratio_stats(sets, "s8s8", "u8s8"),
                            "u8s8_vs_fp32": ratio_stats(sets, "fp32", "u8s8")}
         del fns
@@ -259,7 +248,7 @@ def markdown(results: list[dict], command: str, threads: list[int], batches: lis
 def main(argv=None) -> int:
     args = parse_args(argv)
     from onnxpipe.atomic import write_json
-    from onnxpipe.core.runtime import physical_cores
+    from onnxpipe.core.timing import usable_cores
 
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
@@ -276,7 +265,7 @@ def main(argv=None) -> int:
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     jobs = [(m.strip(), "default") for m in args.models.split(",") if m.strip() and "default" in sizes]
     jobs += [(m.strip(), "base") for m in args.base.split(",") if m.strip() and "base" in sizes]
-    threads = [int(t) for t in args.threads.split(",") if t.strip()] or [physical_cores()]
+    threads = [int(t) for t in args.threads.split(",") if t.strip()] or [usable_cores()]
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     results = []
     for model, size in jobs:

@@ -52,7 +52,9 @@ def describe(config: str, cores: int) -> str:
 
 
 def markdown(results: dict[str, list[dict]], args, command: str) -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from onnxpipe.core.timing import usable_cores
+
+    cores = usable_cores()
     base = statistics.median(r["train_s"] for r in results[next(iter(results))])
     lines = [
         "## DDP training: 1 vs 2 processes",

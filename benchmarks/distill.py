@@ -69,7 +69,7 @@ def speed(model: str, args, work: Path) -> dict:
     """Seed 0 through the whole pipeline; latencies come from the select stage (interleaved timing)."""
     from onnxpipe.orchestrate import Context, run_model
 
-    ctx = Context(seed=0, limit=args.limit, progress=False, stage_options={"distill": distill_options(args)})
+    ctx = Context(seed=0, limit=args.limit, progress=False, sections={"distill": distill_options(args)})
     run = run_model(model, work / f"{model}-speed", ctx,
                     stages=["train", "export", "optimize", "quantize", "distill", "verify", "select"])
     lat = {v: run.metrics(v).get("latency_ms") for v in run.variants()}

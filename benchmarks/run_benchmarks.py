@@ -35,17 +35,20 @@ MEASURE_STAGES = ("bench", "explain", "report")   # this script measures and rep
 
 
 def ints(text: str) -> tuple[int, ...]:
+    """argparse type over the project's one list parser (onnxpipe.stages.configs.parse_int_list)."""
+    from onnxpipe.errors import ConfigError
+    from onnxpipe.stages.configs import parse_int_list
+
     try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+        return parse_int_list(text, "value")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+    from onnxpipe.stages.configs import parse_name_list
+
+    return parse_name_list(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,7 +89,7 @@ def build_or_open(model: str, size: str, args, log):
             return run, None
     stages = list(args.stages) if args.stages else [n for n, _ in STAGES if n not in MEASURE_STAGES]
     epochs = args.base_epochs if size == "base" else args.epochs
-    ctx = Context(limit=args.limit, progress=False, train_overrides={"epochs": epochs} if epochs else {})
+    ctx = Context(limit=args.limit, progress=False, sections={"train": {"epochs": epochs}} if epochs else {})
     log(f"[{model}-{size}] building: {', '.join(stages)}")
     t0 = time.monotonic()
     run = run_model(model, root, ctx, size=None if size == "default" else size, force=True, stages=stages,

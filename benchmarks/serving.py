@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxpipe.runfolder import Run  # noqa: E402
 from onnxpipe.core.runtime import make_session  # noqa: E402
-from onnxpipe.core.timing import summarize  # noqa: E402
+from onnxpipe.core.timing import time_interleaved  # noqa: E402
 
 
 # --- requests ------------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ from onnxpipe.core.timing import summarize  # noqa: E402
 def payloads(run: Run, x: np.ndarray) -> dict[str, bytes]:
     """Raw HTTP requests for one batch-1 input: JSON and binary tensors."""
     name = run.model_name
-    session = make_session(run.path(run.manifest["selected"]), device="cpu", threads=1)
+    session = make_session(run.path(run.selected), device="cpu", threads=1)
     input_name = session.input_names[0]
     path = f"/v2/models/{name}/infer"
     out = {}
@@ -128,18 +128,10 @@ def latency(server: Server, requests: dict[str, bytes], raw_call, n: int, block:
             raise RuntimeError(f"HTTP {status}")
 
     calls = {"raw session.run": raw_call, **{f"HTTP {k}": (lambda r=r: http(r)) for k, r in requests.items()}}
-    samples: dict[str, list[float]] = {k: [] for k in calls}
-    for fn in calls.values():  # warm-up
-        for _ in range(50):
-            fn()
-    while len(samples["raw session.run"]) < n:
-        for name, fn in calls.items():
-            for _ in range(block):
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - t0) * 1000)
+    # The project's one timing loop: blocks of `block` calls per candidate (the first re-warms, untimed).
+    out = time_interleaved(calls, batch=1, warmup=50, runs=-(-n // (block - 1)), block=block)
     sock.close()
-    return {k: summarize(v, batch=1) for k, v in samples.items()}
+    return out
 
 
 async def _client(port: int, request: bytes, stop_at: float, counts: dict) -> None:
@@ -192,7 +184,7 @@ def bench_run(run_dir: str, args) -> None:
     x = np.load(Path(run_dir) / "reference.npz")["inputs"][:1].astype(np.float32)
     requests = payloads(run, x)
     # the server's session settings: all cores, ORT threads not spinning between calls
-    session = make_session(run.path(run.manifest["selected"]), device="cpu", spinning=False)
+    session = make_session(run.path(run.selected), device="cpu", spinning=False)
     feeds = {session.input_names[0]: x}
     print(f"\n## {run.model_name} ({run_dir}, variant {run.manifest['selected']}, input {list(x.shape)})", flush=True)
 

@@ -13,11 +13,13 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 Family = Literal["image", "sequence"]
 
 
-class UnknownModelError(KeyError):
-    """A model name that is not in the registry."""
+class UnknownModelError(ConfigError, KeyError):
+    """A model name that is not in the registry (a user error: one line from the CLI)."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
@@ -60,6 +62,9 @@ class ModelSpec:
     # Where a model from outside the registry comes from (a user factory, an imported ONNX graph);
     # recorded in the manifest as "model_source" so later stages rebuild the same spec. None: built-in.
     source: dict | None = None
+    # This model's own parity settings over the policy's (pipeline/core/policy.py): atol, rtol,
+    # max_accuracy_drop, min_agreement, student_max_accuracy_drop.
+    parity: dict[str, float] = field(default_factory=dict)
 
     def make_config(self, overrides: dict[str, Any] | None = None, size: str | None = None):
         """Default config, then the size preset, then explicit overrides."""
@@ -70,6 +75,10 @@ class ModelSpec:
                 raise ValueError(f"model {self.name!r} has no size {size!r}; known sizes: {known}")
             values.update(self.sizes[size])
         values.update(overrides or {})
+        return replace_config(self.config_cls(), values)
+
+    def config_from(self, values: dict[str, Any]):
+        """The config dataclass from recorded values (a manifest's model_config, a checkpoint's config)."""
         return replace_config(self.config_cls(), values)
 
     def student_config(self, teacher_cfg):
@@ -119,12 +128,6 @@ class ModelSpec:
         shape = tuple(shape_fn())
         dtype = "int64" if getattr(cfg, "vocab_size", 0) else "float32"
         return tuple(dataclasses.replace(s, shape=shape, dtype=dtype) for s in self.inputs)
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        axes = {s.name: dict(s.dynamic) for s in self.inputs}
-        for o in self.output_names:
-            axes[o] = {0: "batch"}
-        return axes
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

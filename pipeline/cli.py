@@ -1,15 +1,21 @@
-"""The `onnxpipe` command line: one thin function per command; stages do the work.
+"""The `onnxpipe` command line (front end, layer 5): each command parses, calls, prints.
 
-User errors print one line (`error: ...`) and exit 1; heavy libraries are imported inside commands."""
+Options default to None so that the stage's config dataclass decides (pipeline/stages/configs.py: its
+defaults, then the command's `--config` section, then the flags given), exactly as in `onnxpipe run`;
+their help text is the dataclass field's. User errors print one line (`error: ...`) and exit 1; heavy
+libraries are imported inside commands, so `--help` is instant."""
 from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from .serving.config import ServeConfig, TritonConfig
+from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig, QuantizeConfig,
+                             SelectConfig, TrainConfig, VerifyConfig, help_of)
 
 app = typer.Typer(
     help="Carry PyTorch models to verified, compressed ONNX Runtime deployments.\n\n"
@@ -18,16 +24,20 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,   # help texts hold [model]-style section names: print them as written
 )
 
 RunArg = Annotated[Path, typer.Argument(help="Run folder, e.g. exports/cnn (made by `onnxpipe train` or `onnxpipe run`).")]
 DataOpt = Annotated[str, typer.Option("--data", help="digits (bundled, default), mnist:DIR (IDX files) or npz:FILE (arrays x, y).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a model config field, e.g. --set d_model=256 (repeatable).")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON or TOML file with [model], [train], [export], [verify] sections.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON or TOML file with sections [model], [train], "
+                                                   "[export], [optimize], [quantize], [distill], [verify], [select], "
+                                                   "[bench], [explain]; flags override it.")]
 SizeOpt = Annotated[Optional[str], typer.Option("--size", help="Model size preset: default or base (bigger, for compression experiments).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the data split, initialization and batch order.")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use a seeded subset of N training samples (quick experiments).", min=1)]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Execution provider: cpu or cuda (cuda without a CUDA provider is an error).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or stage lines.")]
+VariantOpt = Annotated[Optional[str], typer.Option("--variant", help="Variant to use (default: the run's selected one).")]
 
 
 def user_errors(fn):
@@ -35,64 +45,40 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .console import configure_logging
         from .errors import OnnxpipeError
 
+        configure_logging()
         try:
             return fn(*args, **kwargs)
         except OnnxpipeError as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
-        except KeyError as e:
-            from .models import UnknownModelError
-
-            if isinstance(e, UnknownModelError):
-                typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-                raise typer.Exit(1) from None
-            raise
 
     return wrapper
 
 
-def parse_sets(items: list[str] | None) -> dict[str, str]:
-    from .errors import ConfigError
+def _open(run_dir: Path):
+    from .core import sources  # noqa: F401  (model-source resolvers)
+    from .runfolder import Run
 
-    out = {}
-    for item in items or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(f"bad --set {item!r}: expected KEY=VALUE, e.g. --set d_model=256")
-        out[key.strip()] = value.strip()
-    return out
+    return Run.open(run_dir)
 
 
-def read_config_file(path: Path | None) -> dict:
-    """{"model": {...}, "train": {...}, "export": {...}, "verify": {...}} from JSON or TOML."""
-    from .errors import ConfigError
+def _ctx(config: Path | None = None, *, seed: int = 0, progress: bool = True, **flags):
+    """A Context whose per-stage flags are `flags` ({stage: {field: value or None}})."""
+    from .orchestrate import Context
+    from .stages.configs import read_config_file
 
-    if path is None:
-        return {}
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(path.read_text())
-        else:
-            data = json.loads(path.read_text())
-    except Exception as e:  # json / toml decode errors
-        raise ConfigError(f"cannot parse config file {path}: {e}") from None
-    known = {"model", "train", "export", "optimize", "verify", "quantize", "select", "distill", "bench", "explain"}
-    if not isinstance(data, dict) or set(data) - known:
-        raise ConfigError(f"config file {path}: top-level keys must be sections among {', '.join(sorted(known))}")
-    return data
+    file_cfg = read_config_file(config)
+    return Context(seed=seed, progress=progress, sections={k: v for k, v in file_cfg.items() if k != "model"},
+                   flags=flags)
 
 
 def resolve_models(names: str) -> list[str]:
     """'all', or comma-separated registered names and user factories (pkg.module:build, file.py:build)."""
-    from .models import list_models
-
     from .core.byo import resolve_model
+    from .models import list_models
 
     if names == "all":
         return list_models()
@@ -102,38 +88,8 @@ def resolve_models(names: str) -> list[str]:
     return out
 
 
-def print_table(rows: list[dict], columns: list[str], title: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c, justify="right" if c not in ("model", "variant", "parent", "parity", "stage") else "left")
-    for r in rows:
-        table.add_row(*[_fmt(r.get(c)) for c in columns])
-    console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 160)  # a log file or pipe has no width to fit: don't cut columns to 80
-    console.print(table)
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "*" if v else ""
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
-
-
-def _summary(run) -> None:
-    from .orchestrate import summary_rows
-
-    rows = summary_rows(run)
-    for r in rows:
-        r["size"] = f"{r.pop('bytes') / 1024:.1f} KiB"
-    print_table(rows, ["model", "variant", "parent", "accuracy", "parity", "size"])
+def _stage_line(quiet: bool):
+    return None if quiet else (lambda m, s: typer.echo(f"[{m}] {s}", err=True))
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -170,34 +126,32 @@ def run_cmd(
                                            "builds it (or with --weights).")] = False,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="A state_dict file (torch.save) to use "
                                                     "instead of training; implies --no-train.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Run the whole pipeline (train -> export -> verify -> ...) for each model; end with a table."""
     import time
 
+    from .console import print_summary
     from .core.byo import model_folder
-    from .orchestrate import Context, run_model
+    from .errors import ConfigError
+    from .orchestrate import Context, parse_stages, run_model
+    from .stages.configs import parse_sets, read_config_file
 
     file_cfg = read_config_file(config)
     overrides = {**file_cfg.get("model", {}), **parse_sets(set_)}
     names = resolve_models(model)
+    wanted = parse_stages(stages)
     if overrides and len(names) > 1:
-        from .errors import ConfigError
-
         raise ConfigError("--set and [model] settings apply to one model; pick it with --model NAME")
-    train_overrides = {**file_cfg.get("train", {}), **({"epochs": epochs} if epochs else {})}
     t0 = time.monotonic()
     runs = []
     for name in names:
-        ctx = Context(data=data, seed=seed, limit=limit, progress=not quiet, train_overrides=train_overrides,
-                      stage_options={k: v for k, v in file_cfg.items() if k not in ("model", "train")},
-                      train=not no_train, weights=weights)
-        run = run_model(name, out / model_folder(name), ctx, overrides=overrides, size=size, force=force,
-                        stages=stages.split(",") if stages else None,
-                        on_stage=None if quiet else lambda m, s: typer.echo(f"[{m}] {s}", err=True))
-        runs.append(run)
+        ctx = Context(data=data, seed=seed, limit=limit, progress=not quiet, train=not no_train, weights=weights,
+                      sections={k: v for k, v in file_cfg.items() if k != "model"}, flags={"train": {"epochs": epochs}})
+        runs.append(run_model(name, out / model_folder(name), ctx, overrides=overrides, size=size, force=force,
+                              stages=wanted, on_stage=_stage_line(quiet)))
     for run in runs:
-        _summary(run)
+        print_summary(run)
     for run in runs:
         if (run.root / "report.html").is_file():
             typer.echo(f"report: {run.root / 'report.html'} (and report.md)")
@@ -211,10 +165,10 @@ def train_cmd(
                                          "my_pkg.my_module:build or path/to/file.py:build.")],
     data: DataOpt = "digits",
     run_dir: Annotated[Optional[Path], typer.Option("--run", help="Run folder (default exports/MODEL).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Maximum epochs (early stop on validation plateau).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of the one-cycle schedule.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1)] = None,
-    patience: Annotated[Optional[int], typer.Option("--patience", min=1, help="Epochs without validation gain before stopping.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help=help_of(TrainConfig, "epochs"))] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=help_of(TrainConfig, "lr"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help=help_of(TrainConfig, "batch_size"))] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", min=1, help=help_of(TrainConfig, "patience"))] = None,
     size: SizeOpt = None,
     set_: SetOpt = None,
     config: ConfigOpt = None,
@@ -225,47 +179,30 @@ def train_cmd(
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes on this machine (DDP; "
                                        "--batch-size stays the global batch). Under torchrun leave it at 1.")] = 1,
     train_device: Annotated[str, typer.Option("--device", help="Training device: cpu (gloo) or cuda (nccl, one GPU per process).")] = "cpu",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train MODEL and write variant `torch` (model.pt) into its run folder."""
     from .core.byo import model_folder
-    from .stages.distributed import Job, check_device, launched_by_torchrun, single_world, spawn_training, torchrun_training
-    from .errors import ConfigError
-    from .orchestrate import prepare_run
-    from .runfolder import Run
-    from .stages.train import train, train_config_for
+    from .orchestrate import prepare_run, warn_if_near_chance
+    from .stages.configs import parse_sets, read_config_file
+    from .stages.train import launch, train_config_for
 
     file_cfg = read_config_file(config)
     root = run_dir or Path("exports") / model_folder(model)
+    flags = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience, "seed": seed}
 
     def prepare():
         return prepare_run(model, root, data=data, overrides={**file_cfg.get("model", {}), **parse_sets(set_)},
                            size=size, seed=seed, limit=limit, force=force, resume=resume)
 
     def config_for(run):
-        try:
-            return train_config_for(run.spec, **{**file_cfg.get("train", {}), "epochs": epochs, "lr": lr,
-                                                 "batch_size": batch_size, "patience": patience, "seed": seed})
-        except TypeError as e:
-            raise ConfigError(f"bad [train] setting: {e}") from None
+        return train_config_for(run.spec, **{**file_cfg.get("train", {}), **flags})
 
-    if launched_by_torchrun():
-        if nproc > 1:
-            raise ConfigError("--nproc starts its own processes; under torchrun use --nproc-per-node instead")
-        run = torchrun_training(lambda: prepare()[0], config_for, device=train_device, resume=resume,
-                                progress=not quiet)
-        if run is None:
-            return  # not rank 0: rank 0 reports
-    elif nproc > 1:
-        check_device(train_device, nproc)
-        run, ds = prepare()
-        spawn_training(Job(str(run.root), config_for(run), resume, train_device, not quiet, ds), nproc)
-        run = Run.open(run.root)
-    else:
-        check_device(train_device, 1)
-        run, ds = prepare()
-        train(run, config_for(run), ds, resume=resume, progress=not quiet, world=single_world(train_device))
-    t = run.manifest["training"]
+    run = launch(prepare, config_for, nproc=nproc, device=train_device, resume=resume, progress=not quiet)
+    if run is None:
+        return  # not rank 0 of a torchrun job: rank 0 reports
+    warn_if_near_chance(run)
+    t = run.section("training")
     typer.echo(f"{model}: test accuracy {run.metrics('torch')['accuracy']:.4f} after {t['epochs_run']} epochs "
                f"(best validation {t['best_val_accuracy']:.4f} at epoch {t['best_epoch']}, {t['seconds']} s) -> {run.path('torch')}")
 
@@ -274,19 +211,18 @@ def train_cmd(
 @user_errors
 def export_cmd(
     run_dir: RunArg,
-    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the model's, 18; 23 for transformer).")] = None,
-    atol: Annotated[float, typer.Option("--atol", help="Max abs error allowed vs PyTorch on the shape grid.")] = 1e-4,
-    rtol: Annotated[float, typer.Option("--rtol", help="Relative error allowed vs PyTorch.")] = 1e-3,
+    opset: Annotated[Optional[int], typer.Option("--opset", help=help_of(ExportConfig, "opset"))] = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", help=help_of(ExportConfig, "atol"))] = None,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help=help_of(ExportConfig, "rtol"))] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Export the run's torch model to ONNX (dynamic batch / sequence axes), checked on a grid of shapes."""
-    from .core.data import reload_dataset
-    from .stages.export import ExportConfig, export
-    from .runfolder import Run
+    from .orchestrate import stage_export
 
-    run = Run.open(run_dir)
-    art = export(run, ExportConfig(opset=opset, atol=atol, rtol=rtol),
-                 test_inputs=reload_dataset(run.manifest["dataset"]).x_test)
-    p = next(p for p in run.manifest["parity"] if p["candidate"] == "onnx" and p["reference"] == "torch")
+    run = _open(run_dir)
+    stage_export(run, _ctx(config, export={"opset": opset, "atol": atol, "rtol": rtol}))
+    art = run.artifact("onnx")
+    p = run.parity(reference="torch", candidate="onnx")[0]
     typer.echo(f"exported {run.root / art.path} (opset {art.opset}, {art.bytes / 1024:.1f} KiB); "
                f"parity vs torch over {len(p['shapes'])} shapes: max abs {p['max_abs']:.2e}")
 
@@ -295,28 +231,22 @@ def export_cmd(
 @user_errors
 def verify_cmd(
     run_dir: RunArg,
-    device: DeviceOpt = "cpu",
-    max_drop: Annotated[float, typer.Option("--max-drop", help="Accuracy-drop budget for lossy variants, in points.")] = 1.0,
-    min_agreement: Annotated[float, typer.Option("--min-agreement", help="Top-1 agreement budget for lossy variants.")] = 0.99,
-    atol: Annotated[float, typer.Option("--atol")] = 1e-4,
-    rtol: Annotated[float, typer.Option("--rtol")] = 1e-3,
+    device: Annotated[Optional[str], typer.Option("--device", help=help_of(VerifyConfig, "device"))] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help=help_of(VerifyConfig, "max_accuracy_drop"))] = None,
+    min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help=help_of(VerifyConfig, "min_agreement"))] = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", help=help_of(VerifyConfig, "atol"))] = None,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help=help_of(VerifyConfig, "rtol"))] = None,
+    config: ConfigOpt = None,
 ) -> None:
-    """Parity of every variant against its parent and torch; exit 1 if any check fails."""
-    from .core.data import reload_dataset
-    from .runfolder import Run
-    from .stages.verify import VerifyConfig, failures, verify
+    """Parity of every variant against its parent and its root; exit 1 if any check fails."""
+    from .console import print_parity
+    from .stages.verify import failures, verify
 
-    run = Run.open(run_dir)
-    reports = verify(run, VerifyConfig(atol=atol, rtol=rtol, max_accuracy_drop=max_drop,
-                                       min_agreement=min_agreement, device=device),
-                     reload_dataset(run.manifest["dataset"]))
-    rows = []
-    for r in reports:
-        rows.append({"reference": r.reference, "candidate": r.candidate, "rule": r.rule,
-                     "passed": "pass" if r else ("over budget" if r.gate else "FAIL"), "max_abs": f"{r.max_abs:.2e}",
-                     "agreement": r.agreement, "acc_drop_pt": r.accuracy_drop, "shapes": len({tuple(c.shape) for c in r.checks})})
-    print_table(rows, ["reference", "candidate", "rule", "passed", "max_abs", "agreement", "acc_drop_pt", "shapes"],
-                title=f"parity: {run.root}")
+    run = _open(run_dir)
+    ctx = _ctx(config, verify={"device": device, "max_accuracy_drop": max_drop, "min_agreement": min_agreement,
+                               "atol": atol, "rtol": rtol})
+    reports = verify(run, ctx.config(VerifyConfig, "verify", run), ctx.data_for(run) if run.dataset_info else None)
+    print_parity(run, reports)
     for r in reports:
         if not r:
             typer.echo(r.summary(), err=True)
@@ -328,18 +258,18 @@ def verify_cmd(
 @user_errors
 def optimize_cmd(
     run_dir: RunArg,
-    level: Annotated[str, typer.Option("--level", help="Level the saved file is optimized at: basic or extended "
-                                       "(layout/all would save layouts for this CPU only).")] = "extended",
-    atol: Annotated[float, typer.Option("--atol", help="Max abs error allowed vs the unoptimized graph on the shape grid.")] = 1e-4,
-    rtol: Annotated[float, typer.Option("--rtol", help="Relative error allowed vs the unoptimized graph.")] = 1e-3,
+    level: Annotated[Optional[str], typer.Option("--level", help=help_of(OptimizeConfig, "level"))] = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", help=help_of(OptimizeConfig, "atol"))] = None,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help=help_of(OptimizeConfig, "rtol"))] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """ONNX Runtime graph optimization of variant onnx -> onnx_opt (fusions counted, parity on the shape grid)."""
-    from .stages.optimize import OptimizeConfig, optimize
-    from .runfolder import Run
+    from .orchestrate import stage_optimize
 
-    run = Run.open(run_dir)
-    art = optimize(run, OptimizeConfig(level=level, atol=atol, rtol=rtol))
-    p = next(p for p in run.manifest["parity"] if p["candidate"] == art.variant and p["reference"] == art.parent)
+    run = _open(run_dir)
+    stage_optimize(run, _ctx(config, optimize={"level": level, "atol": atol, "rtol": rtol}))
+    art = run.artifact("onnx_opt")
+    p = run.parity(reference=art.parent, candidate=art.variant)[0]
     fused = ", ".join(f"{op.rsplit('.', 1)[-1]} x{n}" for op, n in art.extra["fused_nodes"].items()) or "none"
     typer.echo(f"{art.variant}: {run.root / art.path} saved at level {art.extra['saved_level']} (sessions apply "
                f"{art.extra['load_level']} at load); nodes {art.extra['nodes_before']} -> {art.extra['nodes_after']}; "
@@ -351,71 +281,62 @@ def optimize_cmd(
 @user_errors
 def quantize_cmd(
     run_dir: RunArg,
-    mode: Annotated[str, typer.Option("--mode", help="dynamic, static (QDQ, calibrated), fp16, or auto (every mode).")] = "auto",
-    calibration: Annotated[str, typer.Option("--calibration", help="Static: minmax, entropy or percentile.")] = "minmax",
-    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Static: training samples used for calibration.")] = 256,
-    per_channel: Annotated[bool, typer.Option("--per-channel", help="One weight scale per output channel.")] = False,
-    activation_type: Annotated[str, typer.Option("--activation-type", help="Static activations: uint8 (fast U8S8) or int8.")] = "uint8",
-    weight_type: Annotated[str, typer.Option("--weight-type", help="Weights: int8 or uint8.")] = "int8",
-    reduce_range: Annotated[bool, typer.Option("--reduce-range", help="7-bit weights (avoids saturation without VNNI).")] = False,
-    max_drop: Annotated[float, typer.Option("--max-drop", help="Budget: accuracy points a variant may lose vs its parent.")] = 1.0,
-    min_agreement: Annotated[float, typer.Option("--min-agreement", help="Budget: top-1 agreement with the parent.")] = 0.99,
-    exclusion_rounds: Annotated[int, typer.Option("--exclusion-rounds", help="Retries keeping the most sensitive nodes in FP32 (0: none).")] = 6,
+    mode: Annotated[Optional[str], typer.Option("--mode", help=help_of(QuantizeConfig, "mode"))] = None,
+    calibration: Annotated[Optional[str], typer.Option("--calibration", help=help_of(QuantizeConfig, "calibration"))] = None,
+    calib_samples: Annotated[Optional[int], typer.Option("--calib-samples", help=help_of(QuantizeConfig, "calib_samples"))] = None,
+    per_channel: Annotated[Optional[bool], typer.Option("--per-channel/--per-tensor", help=help_of(QuantizeConfig, "per_channel"))] = None,
+    activation_type: Annotated[Optional[str], typer.Option("--activation-type", help=help_of(QuantizeConfig, "activation_type"))] = None,
+    weight_type: Annotated[Optional[str], typer.Option("--weight-type", help=help_of(QuantizeConfig, "weight_type"))] = None,
+    reduce_range: Annotated[Optional[bool], typer.Option("--reduce-range/--full-range", help=help_of(QuantizeConfig, "reduce_range"))] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help=help_of(QuantizeConfig, "max_accuracy_drop"))] = None,
+    min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help=help_of(QuantizeConfig, "min_agreement"))] = None,
+    exclusion_rounds: Annotated[Optional[int], typer.Option("--exclusion-rounds", help=help_of(QuantizeConfig, "exclusion_rounds"))] = None,
     source: Annotated[str, typer.Option("--source", help="FP32 ONNX variant to start from.")] = "onnx",
-    seed: SeedOpt = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help=help_of(QuantizeConfig, "seed"))] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """INT8 (dynamic / static QDQ) and FP16 variants, each held to an accuracy budget against its parent."""
-    from .core.data import reload_dataset
-    from .stages.quantize import QuantizeConfig, quantize
-    from .runfolder import Run
+    from .console import print_quantize
+    from .stages.quantize import quantize
 
-    cfg = QuantizeConfig(mode=mode, calibration=calibration, calib_samples=calib_samples, per_channel=per_channel,
-                         activation_type=activation_type, weight_type=weight_type, reduce_range=reduce_range,
-                         max_accuracy_drop=max_drop, min_agreement=min_agreement, exclusion_rounds=exclusion_rounds,
-                         seed=seed)
-    run = Run.open(run_dir)
-    results = quantize(run, cfg, reload_dataset(run.manifest["dataset"]), source=source)
-    rows = []
-    for r in results:
-        if r.artifact is None:
-            rows.append({"variant": r.variant, "status": "not kept: " + r.reason})
-            continue
-        m, e = run.metrics(r.variant), r.artifact.extra
-        rows.append({"variant": r.variant, "status": "kept", "size_ratio": e["size_ratio"], "agreement": m["agreement"],
-                     "acc_drop_pt": m["accuracy_drop"], "cosine": m["cosine"],
-                     "fp32_nodes": len(e["excluded_nodes"]), "preprocess": e["preprocess"]})
-    print_table(rows, ["variant", "status", "size_ratio", "agreement", "acc_drop_pt", "cosine", "fp32_nodes", "preprocess"],
-                title=f"quantize: {run.root} (budget {max_drop} pt, agreement >= {min_agreement})")
+    run = _open(run_dir)
+    ctx = _ctx(config, quantize={
+        "mode": mode, "calibration": calibration, "calib_samples": calib_samples, "per_channel": per_channel,
+        "activation_type": activation_type, "weight_type": weight_type, "reduce_range": reduce_range,
+        "max_accuracy_drop": max_drop, "min_agreement": min_agreement, "exclusion_rounds": exclusion_rounds,
+        "seed": seed})
+    cfg = ctx.config(QuantizeConfig, "quantize", run)
+    print_quantize(run, quantize(run, cfg, ctx.data_for(run), source=source), cfg)
 
 
 @app.command("distill")
 @user_errors
 def distill_cmd(
     run_dir: RunArg,
-    student_scale: Annotated[Optional[float], typer.Option("--student-scale", help="Scale the teacher's width fields (0-1); default: the model's declared student.")] = None,
-    student_model: Annotated[Optional[str], typer.Option("--student-model", help="Another registered model of the same input family as the student, e.g. gru for a transformer teacher.")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Softmax temperature T of the soft targets (loss scaled by T^2). Default: the student model's tuned value (4 for cnn, else 2).")] = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Weight of the soft-target loss; 1 - alpha weighs the hard labels. Default: tuned per model (0.7 cnn, else 0.5).")] = None,
-    mixup: Annotated[Optional[float], typer.Option("--mixup", help="Beta(a, a) mixup for the student and its scratch twin (0 = off); the teacher labels the mixed inputs. Default: tuned per model (0 cnn, else 0.4).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Student epochs (default: the student model's tuned setting).")] = None,
-    max_drop: Annotated[float, typer.Option("--max-drop", help="Accuracy drop (points) against the teacher allowed for student variants to be selected.")] = 1.5,
-    scratch: Annotated[bool, typer.Option("--scratch/--no-scratch", help="Also train the same student from scratch (same epochs and seed) to measure the distillation gain.")] = True,
+    student_scale: Annotated[Optional[float], typer.Option("--student-scale", help=help_of(DistillConfig, "student_scale"))] = None,
+    student_model: Annotated[Optional[str], typer.Option("--student-model", help=help_of(DistillConfig, "student_model"))] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help=help_of(DistillConfig, "temperature"))] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help=help_of(DistillConfig, "alpha"))] = None,
+    mixup: Annotated[Optional[float], typer.Option("--mixup", help=help_of(DistillConfig, "mixup"))] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help=help_of(DistillConfig, "epochs"))] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help=help_of(DistillConfig, "max_accuracy_drop"))] = None,
+    scratch: Annotated[Optional[bool], typer.Option("--scratch/--no-scratch", help=help_of(DistillConfig, "scratch_baseline"))] = None,
     seed: SeedOpt = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the student's (and scratch twin's) training from their checkpoints.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help=help_of(DistillConfig, "resume"))] = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Distill a smaller student from the run's teacher, then export, optimize, quantize, verify and select as for the teacher."""
-    from .orchestrate import Context, stage_distill, stage_select, stage_verify
-    from .runfolder import Run
+    from .console import print_table
+    from .orchestrate import stage_distill, stage_select, stage_verify
 
-    run = Run.open(run_dir)
-    ctx = Context(seed=seed, progress=not quiet, stage_options={"distill": {
+    run = _open(run_dir)
+    ctx = _ctx(config, seed=seed, progress=not quiet, distill={
         "student_scale": student_scale, "student_model": student_model, "temperature": temperature, "alpha": alpha,
-        "mixup": mixup, "epochs": epochs, "max_accuracy_drop": max_drop, "scratch_baseline": scratch, "resume": resume}})
-    stage_distill(run, ctx)
-    stage_verify(run, ctx)
-    stage_select(run, ctx)
-    d = run.manifest["distillation"]
+        "mixup": mixup, "epochs": epochs, "max_accuracy_drop": max_drop, "scratch_baseline": scratch, "resume": resume})
+    for step in (stage_distill, stage_verify, stage_select):
+        step(run, ctx)
+    d = run.section("distillation")
     rows = [{"model": f"teacher ({run.model_name})", "params": d["teacher_params"], "accuracy": d["teacher_accuracy"]},
             {"model": f"distilled student ({d['student_model']})", "params": d["student_params"], "accuracy": d["distilled_accuracy"]}]
     if "scratch_accuracy" in d:
@@ -428,37 +349,37 @@ def distill_cmd(
                    f"{sp['teacher_ms']:.3f} ms: {sp['speedup']:.2f}x")
     else:
         typer.echo("no student variant is within the budget against the teacher, so none can be selected")
-    typer.echo(f"selected: {run.manifest['selected']}")
+    typer.echo(f"selected: {run.selected}")
 
 
 @app.command("select")
 @user_errors
 def select_cmd(
     run_dir: RunArg,
-    batches: Annotated[str, typer.Option("--batches", help="Comma-separated batch sizes to time.")] = "1,64",
-    runs: Annotated[int, typer.Option("--runs", help="Timed rounds per batch size.", min=1)] = 20,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed warm-up rounds.", min=0)] = 5,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="ORT intra-op threads (default: usable cores).", min=1)] = None,
-    objective: Annotated[str, typer.Option("--objective", help="geomean (over batch sizes) or one batch size, e.g. 64.")] = "geomean",
+    batches: Annotated[Optional[str], typer.Option("--batches", help=help_of(SelectConfig, "batches"))] = None,
+    runs: Annotated[Optional[int], typer.Option("--runs", min=1, help=help_of(SelectConfig, "runs"))] = None,
+    warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help=help_of(SelectConfig, "warmup"))] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=help_of(SelectConfig, "threads"))] = None,
+    objective: Annotated[Optional[str], typer.Option("--objective", help=help_of(SelectConfig, "objective"))] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Time every ONNX variant here and mark the fastest one within budget as `selected`."""
-    from .errors import ConfigError
-    from .runfolder import Run
-    from .stages.select import SelectConfig, select
+    from .console import print_table
+    from .stages.configs import parse_int_list
+    from .stages.select import select
 
-    try:
-        sizes = tuple(int(b) for b in batches.split(","))
-    except ValueError:
-        raise ConfigError(f"bad --batches {batches!r}: expected comma-separated integers, e.g. 1,64") from None
-    run = Run.open(run_dir)
-    sel = select(run, SelectConfig(batches=sizes, runs=runs, warmup=warmup, threads=threads, objective=objective))
+    run = _open(run_dir)
+    ctx = _ctx(config, select={"batches": parse_int_list(batches, "--batches"), "runs": runs, "warmup": warmup,
+                               "threads": threads, "objective": objective})
+    cfg = ctx.config(SelectConfig, "select")
+    sel = select(run, cfg)
     rows = []
     for v in [*sel.ranking, *sel.excluded]:
         lat = run.metrics(v).get("latency_ms", {})
-        rows.append({"variant": v, **{f"b{b} ms": lat.get(str(b)) for b in sizes},
+        rows.append({"variant": v, **{f"b{b} ms": lat.get(str(b)) for b in cfg.batches},
                      "bytes": run.artifact(v).bytes, "selected": v == sel.selected, "note": sel.excluded.get(v, "")})
-    print_table(rows, ["variant", *[f"b{b} ms" for b in sizes], "bytes", "selected", "note"],
-                title=f"select: {run.root} (p50 latency, objective {objective})")
+    print_table(rows, ["variant", *[f"b{b} ms" for b in cfg.batches], "bytes", "selected", "note"],
+                title=f"select: {run.root} (p50 latency, objective {cfg.objective})")
     typer.echo(f"selected: {sel.selected}")
 
 
@@ -473,62 +394,61 @@ def import_cmd(
     limit: LimitOpt = None,
     stages: Annotated[Optional[str], typer.Option("--stages", help="Pipeline stages to run after the import: 'all' "
                                                   "(those that apply) or a list, e.g. optimize,quantize,verify,select.")] = None,
+    config: ConfigOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Make a run folder around an ONNX model (variant `onnx` is the root), ready for optimize, quantize, verify, serve."""
-    from .stages.importer import import_onnx, stages_for_import
-    from .orchestrate import Context, run_stages
+    from .console import print_summary
+    from .orchestrate import run_stages, stages_for_import
+    from .stages.importer import import_onnx
 
     names = stages_for_import(stages) if stages else []  # a bad stage name stops us before the import
+    ctx = _ctx(config, seed=seed, progress=not quiet)     # and so does a bad config file
     root = run_dir or Path("exports") / model_file.stem
     run = import_onnx(model_file, root, data=data, seed=seed, limit=limit, force=force)
     acc = run.metrics("onnx").get("accuracy")
     typer.echo(f"imported {model_file} -> {run.path('onnx')} (opset {run.artifact('onnx').opset}"
                + (f", test accuracy {acc:.4f}" if acc is not None else ", no data: pass --data for accuracy") + ")")
     if names:
-        run_stages(run, Context(data=data or "digits", seed=seed, limit=limit, progress=not quiet), names,
-                   on_stage=None if quiet else lambda m, s: typer.echo(f"[{m}] {s}", err=True))
-        _summary(run)
+        run_stages(run, ctx, names, on_stage=_stage_line(quiet))
+        print_summary(run)
 
 
 @app.command("show")
 @user_errors
 def show_cmd(run_dir: RunArg) -> None:
     """Summarize a run folder: variants, accuracy, parity, sizes."""
-    from .runfolder import Run
+    from .console import print_summary
 
-    _summary(Run.open(run_dir))
+    print_summary(_open(run_dir))
 
 
-# --- serving (pipeline/serving/, pipeline/predict.py) -------------------------------------------------
-
-VariantOpt = Annotated[Optional[str], typer.Option("--variant", help="Variant to use (default: the run's selected one).")]
-
+# --- serving (pipeline/serving/, pipeline/stages/predict.py) ------------------------------------------
 
 @app.command("serve")
 @user_errors
 def serve_cmd(
     run_dir: RunArg,
     variant: VariantOpt = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port, printed at start).")] = 8000,
+    host: Annotated[Optional[str], typer.Option("--host", help=help_of(ServeConfig, "host"))] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help=help_of(ServeConfig, "port"))] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if ONNX Runtime has it, else CPU; the log says which), cpu, or cuda (an error if CUDA is not usable).")] = "auto",
-    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most rows merged into one ONNX Runtime call; 1 turns dynamic batching off.")] = 32,
-    max_delay_ms: Annotated[float, typer.Option("--max-delay-ms", min=0.0, help="Longest a request waits for others to join its batch (only while others are arriving).")] = 2.0,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help=help_of(ServeConfig, "max_batch"))] = None,
+    max_delay_ms: Annotated[Optional[float], typer.Option("--max-delay-ms", help=help_of(ServeConfig, "max_delay_ms"))] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="ONNX Runtime intra-op threads (default: the cores this process may use).")] = None,
-    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body accepted; larger ones get 413.")] = 32.0,
+    max_body_mb: Annotated[Optional[float], typer.Option("--max-body-mb", help=help_of(ServeConfig, "max_body_mb"))] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Model name in the URLs (default: the run's model, e.g. cnn).")] = None,
-    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="One JSON line per request on stderr.")] = True,
+    access_log: Annotated[Optional[bool], typer.Option("--access-log/--no-access-log", help=help_of(ServeConfig, "access_log"))] = None,
 ) -> None:
     """Serve a run's variant over the Open Inference Protocol (KServe v2 REST) until SIGTERM / Ctrl-C."""
-    from .runfolder import Run
-    from .serving.app import ServeConfig, serve
+    from .serving.app import serve
     from .serving.model import ServedModel
+    from .stages.configs import build_config
 
-    cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms, max_body_mb=max_body_mb,
-                      access_log=access_log)
-    model = ServedModel.prepare(Run.open(run_dir), variant, device=device, threads=threads, name=name)
+    cfg = build_config(ServeConfig, None, {"host": host, "port": port, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
+                                           "max_body_mb": max_body_mb, "access_log": access_log}, stage="serve")
+    model = ServedModel.prepare(_open(run_dir), variant, device=device, threads=threads, name=name)
     raise typer.Exit(serve(model, cfg))
 
 
@@ -538,7 +458,7 @@ def predict_cmd(
     run_dir: RunArg,
     inputs: Annotated[list[Path], typer.Argument(help=".npy/.npz arrays (model inputs: one sample or a batch) or PNG/JPEG images.")],
     variant: VariantOpt = None,
-    device: DeviceOpt = "cpu",
+    device: Annotated[str, typer.Option("--device", help="Execution provider: cpu or cuda (cuda without a CUDA provider is an error).")] = "cpu",
     raw: Annotated[bool, typer.Option("--raw", help="Arrays hold raw source data (e.g. digits 0..16): apply the run's normalization first.")] = False,
     invert: Annotated[str, typer.Option("--invert", help="Images: auto (invert dark-on-light images), yes, or no.")] = "auto",
     top: Annotated[int, typer.Option("--top", min=1, help="Show the K most likely classes.")] = 1,
@@ -546,9 +466,8 @@ def predict_cmd(
 ) -> None:
     """Classify arrays and images with a run's selected variant; prints class and probability."""
     from .stages.predict import predict_files
-    from .runfolder import Run
 
-    for p in predict_files(Run.open(run_dir), inputs, variant=variant, device=device, raw=raw, invert=invert, top=top):
+    for p in predict_files(_open(run_dir), inputs, variant=variant, device=device, raw=raw, invert=invert, top=top):
         if as_json:
             typer.echo(json.dumps(p.to_json()))
         else:
@@ -562,88 +481,49 @@ def export_triton_cmd(
     run_dir: RunArg,
     out_dir: Annotated[Path, typer.Argument(help="Model repository folder (created); the model goes to OUT_DIR/NAME/.")],
     variant: VariantOpt = None,
-    name: Annotated[Optional[str], typer.Option("--name", help="Model name in the repository (default: the run's model).")] = None,
-    max_batch: Annotated[int, typer.Option("--max-batch", min=0, help="Triton max_batch_size (0: no batching).")] = 32,
-    max_delay_ms: Annotated[float, typer.Option("--max-delay-ms", min=0.0, help="Triton dynamic batching queue delay.")] = 2.0,
-    device: Annotated[str, typer.Option("--device", help="Instance kind: auto (Triton decides), cpu, or cuda.")] = "auto",
-    instances: Annotated[int, typer.Option("--instances", min=1, help="Model instances Triton runs.")] = 1,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR/NAME if it exists.")] = False,
+    name: Annotated[Optional[str], typer.Option("--name", help=help_of(TritonConfig, "name"))] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help=help_of(TritonConfig, "max_batch"))] = None,
+    max_delay_ms: Annotated[Optional[float], typer.Option("--max-delay-ms", help=help_of(TritonConfig, "max_delay_ms"))] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help=help_of(TritonConfig, "device"))] = None,
+    instances: Annotated[Optional[int], typer.Option("--instances", help=help_of(TritonConfig, "instances"))] = None,
+    force: Annotated[Optional[bool], typer.Option("--force", help=help_of(TritonConfig, "force"))] = None,
 ) -> None:
     """Write a Triton Inference Server model repository (config.pbtxt + 1/model.onnx) for scaling out."""
-    from .runfolder import Run
-    from .serving.triton import TritonConfig, export_triton
+    from .serving.triton import export_triton
+    from .stages.configs import build_config
 
-    cfg = TritonConfig(name=name, max_batch=max_batch, max_delay_ms=max_delay_ms, device=device,
-                       instances=instances, force=force)
-    entry = export_triton(Run.open(run_dir), out_dir, variant, cfg)
+    cfg = build_config(TritonConfig, None, {"name": name, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
+                                            "device": device, "instances": instances, "force": force}, stage="triton")
+    entry = export_triton(_open(run_dir), out_dir, variant, cfg)
     typer.echo(f"wrote {entry}/config.pbtxt and {entry}/1/model.onnx; serve with "
                f"`tritonserver --model-repository {out_dir}`")
-
-
-def parse_int_list(text: str, option: str) -> tuple[int, ...]:
-    """'1,64' -> (1, 64); a typed ConfigError naming the option for anything else."""
-    from .errors import ConfigError
-
-    hint = f"expected comma-separated positive integers, e.g. {option} {'1,64' if option == '--batch' else '1,2'}"
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"bad {option} {text!r}: {hint}") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"bad {option} {text!r}: {hint}")
-    return values
-
-
-def _bench_display(row: dict) -> dict:
-    """A bench row with short, fixed-precision strings for the terminal."""
-    def num(v, fmt):
-        return None if v is None else format(v, fmt)
-
-    return {
-        "variant": row["variant"] + (" *" if row["selected"] else ""), "threads": row["threads"], "batch": row["batch"],
-        "p50_ms": num(row["p50_ms"], ".3f"), "p90_ms": num(row["p90_ms"], ".3f"), "p99_ms": num(row["p99_ms"], ".3f"),
-        "rows/s": num(row["rows_s"], ".0f"), "x torch": num(row["x_torch"], ".2f"), "GFLOP/s": num(row["gflops"], ".1f"),
-        "% peak": num(row["pct_peak"], ".0f"), "limit": row["limit"], "kind": row["kind"],
-        "MFLOP/row": num(None if row["flops_per_row"] is None else row["flops_per_row"] / 1e6, ".3f"),
-        "size KiB": num(row["size_kib"], ".1f"), "peak RSS MB": num(row["rss_mb"], ".0f"),
-        "accuracy": num(row["accuracy"], ".4f"),
-    }
 
 
 @app.command("bench")
 @user_errors
 def bench_cmd(
     run_dir: RunArg,
-    batch: Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes.")] = "1,64",
-    threads: Annotated[Optional[str], typer.Option("--threads", help="Comma-separated intra-op thread counts (default: 1 and all cores).")] = None,
-    device: DeviceOpt = "cpu",
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed rounds before timing.")] = 5,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed rounds per cell (every variant once per round).")] = 30,
-    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated subset of variants (torch is always included).")] = None,
-    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure the peak RSS of a fresh process per variant.")] = True,
+    batch: Annotated[Optional[str], typer.Option("--batch", help=help_of(BenchConfig, "batches"))] = None,
+    threads: Annotated[Optional[str], typer.Option("--threads", help=help_of(BenchConfig, "threads"))] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help=help_of(BenchConfig, "device"))] = None,
+    warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help=help_of(BenchConfig, "warmup"))] = None,
+    runs: Annotated[Optional[int], typer.Option("--runs", min=1, help=help_of(BenchConfig, "runs"))] = None,
+    variants: Annotated[Optional[str], typer.Option("--variants", help=help_of(BenchConfig, "variants"))] = None,
+    memory: Annotated[Optional[bool], typer.Option("--memory/--no-memory", help=help_of(BenchConfig, "memory"))] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Time every variant side by side with PyTorch eager; FLOPs, fraction of the machine's peak, memory."""
-    from .stages.bench import BenchConfig, bench, bench_rows
-    from .runfolder import Run
+    from .console import print_bench
+    from .orchestrate import stage_bench
+    from .stages.configs import parse_int_list, parse_name_list
 
-    cfg = BenchConfig(batches=parse_int_list(batch, "--batch"),
-                      threads=parse_int_list(threads, "--threads") if threads else None, device=device,
-                      warmup=warmup, runs=runs, memory=memory,
-                      variants=tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None)
-    run = Run.open(run_dir)
-    info = bench(run, cfg, log=lambda msg: typer.echo(msg, err=True))
-    rows = bench_rows(run)
-    print_table([_bench_display(r) for r in rows],
-                ["variant", "threads", "batch", "p50_ms", "p90_ms", "p99_ms", "rows/s", "x torch", "GFLOP/s", "% peak",
-                 "limit"], title=f"bench: {run.root} ({info['machine']['cpu']}, device {cfg.device})")
-    per_variant = {r["variant"]: _bench_display(r) for r in rows}
-    print_table(list(per_variant.values()), ["variant", "kind", "MFLOP/row", "size KiB", "peak RSS MB", "accuracy"])
-    for t, lim in info["limits"].items():
-        for b, x in lim["by_batch"].items():
-            typer.echo(f"limits at {t} thread(s), measured in the batch-{b} rounds: FP32 matmul {x['fp32_gflops']:.0f} GFLOP/s, "
-                       f"INT8 matmul {x['int8_gops']:.0f} GOP/s, per-call overhead ORT {1000 * x['overhead_ms']:.0f} us, "
-                       f"torch {1000 * x['torch_overhead_ms']:.0f} us")
-    typer.echo(f"results in {run.root / 'manifest.json'} (metrics.<variant>.bench)")
+    run = _open(run_dir)
+    ctx = _ctx(config, bench={"batches": parse_int_list(batch, "--batch"),
+                              "threads": parse_int_list(threads, "--threads", "1,2"), "device": device,
+                              "warmup": warmup, "runs": runs, "memory": memory, "variants": parse_name_list(variants)})
+    cfg = ctx.config(BenchConfig, "bench")   # a bad setting stops here, before anything is measured
+    info = stage_bench(run, ctx, log_line=lambda msg: typer.echo(msg, err=True))
+    print_bench(run, info, cfg.device)
 
 
 @app.command("report")
@@ -654,16 +534,9 @@ def report_cmd(
                                              "of quantized variants where the manifest lacks it (64 training samples).")] = True,
 ) -> None:
     """Write report.html (self-contained, opens offline) and report.md into the run folder."""
-    from .stages.report import write_report
-    from .runfolder import Run
+    from .orchestrate import stage_report
 
-    run = Run.open(run_dir)
-    if divergence:
-        from .core.data import reload_dataset
-        from .stages.divergence import record_node_divergence
-
-        record_node_divergence(run, reload_dataset(run.manifest["dataset"]))
-    page, md = write_report(run)
+    page, md = stage_report(_open(run_dir), _ctx(), divergence=divergence)
     typer.echo(f"report: {page} (and {md.name})")
 
 
@@ -671,16 +544,16 @@ def report_cmd(
 @user_errors
 def explain_cmd(
     run_dir: RunArg,
-    samples: Annotated[int, typer.Option("--samples", min=1, max=64, help="Test samples per grid (misclassified ones first).")] = 8,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Integrated-gradients steps.")] = 32,
-    seed: SeedOpt = 0,
+    samples: Annotated[Optional[int], typer.Option("--samples", min=1, max=64, help=help_of(ExplainConfig, "samples"))] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help=help_of(ExplainConfig, "steps"))] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help=help_of(ExplainConfig, "seed"))] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Attributions of the torch model (integrated gradients; attention maps for attention models) as PNG grids."""
-    from .stages.explain import ExplainConfig, explain
-    from .runfolder import Run
+    from .orchestrate import stage_explain
 
-    run = Run.open(run_dir)
-    info = explain(run, ExplainConfig(samples=samples, steps=steps, seed=seed))
+    run = _open(run_dir)
+    info = stage_explain(run, _ctx(config, explain={"samples": samples, "steps": steps, "seed": seed}))
     typer.echo(f"{info['method']}; torch misclassifies {info['misclassified_by_torch']} test samples")
     for g in info["groups"]:
         typer.echo(f"  {g['title']}: {run.root / g['png']}")

@@ -1,17 +1,25 @@
-"""`onnxpipe run`: every stage, in order, for each model.
+"""`onnxpipe run`: every stage, in order, for each model (layer 4).
 
-A stage is a function `(run, ctx) -> None` registered in STAGES; later stages (optimize,
-quantize, distill, bench, report) plug in by adding one entry, without touching the loop."""
+Each entry of STAGES runs one stage function, `stage(run, cfg, data, ...)`, with its config built the
+one way (pipeline/stages/configs.py: dataclass defaults, then the `--config` file's section, then
+flags). The stage commands of the CLI call the same entries, so `onnxpipe distill RUN` and the distill
+step of `onnxpipe run` are one code path. A later stage plugs in by adding one entry."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .core.data import Dataset, load_dataset, reload_dataset
-from .errors import ConfigError, DataError, OnnxpipeError, RunFolderError
+from .core.policy import POLICY, entry_verdict, policy_for
+from .errors import ConfigError, DataError, RunFolderError
 from .runfolder import Run
+from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig,
+                             QuantizeConfig, SelectConfig, TrainConfig, VerifyConfig, build_config)
+
+log = logging.getLogger("onnxpipe")
 
 
 @dataclass
@@ -24,18 +32,38 @@ class Context:
     progress: bool = True
     train: bool = True                 # False: no training; variant torch from `weights` or the model's own init
     weights: Path | None = None        # a state_dict file for variant torch (implies train=False)
-    train_overrides: dict[str, Any] = field(default_factory=dict)
-    stage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per stage: the --config file's section ("sections") and the command's flags ("flags", None = not given).
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    flags: dict[str, dict[str, Any]] = field(default_factory=dict)
     dataset: Dataset | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def data_for(self, run: Run) -> Dataset:
         if self.dataset is None:
-            self.dataset = reload_dataset(run.manifest["dataset"])
+            self.dataset = reload_dataset(run.dataset_info)
         return self.dataset
 
-    def options(self, stage: str) -> dict[str, Any]:
-        return self.stage_options.get(stage, {})
+    def config(self, cls, stage: str, run: Run | None = None, **defaults):
+        """The stage's config: dataclass defaults, then the model's own parity overrides (with `run`),
+        then `defaults`, then the file's section, then flags."""
+        model = policy_defaults(run, cls) if run is not None else {}
+        return build_config(cls, self.sections.get(stage), self.flags.get(stage), stage=stage, **{**model, **defaults})
+
+
+def policy_defaults(run: Run, cls) -> dict:
+    """The tolerance and budget fields of `cls` as the run's model sets them (ModelSpec.parity), if it does."""
+    from dataclasses import fields
+
+    policy = policy_for(run.spec)
+    if policy is POLICY:
+        return {}
+    values = {"atol": policy.tensor.atol, "rtol": policy.tensor.rtol}
+    if cls is DistillConfig:
+        values["max_accuracy_drop"] = policy.student.max_accuracy_drop
+    else:
+        values.update(max_accuracy_drop=policy.lossy.max_accuracy_drop, min_agreement=policy.lossy.min_agreement)
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
 
 
 def prepare_run(model: str, root: Path, *, data: str = "digits", overrides: dict | None = None, size: str | None = None,
@@ -49,7 +77,7 @@ def prepare_run(model: str, root: Path, *, data: str = "digits", overrides: dict
         run = Run.open(root)
         if run.model_name != spec.name:
             raise RunFolderError(f"{root} holds a {run.model_name!r} run, not {model!r}")
-        return run, reload_dataset(run.manifest["dataset"])
+        return run, reload_dataset(run.dataset_info)
     try:
         cfg = spec.make_config(overrides, size)
     except (ValueError, TypeError) as e:
@@ -60,111 +88,114 @@ def prepare_run(model: str, root: Path, *, data: str = "digits", overrides: dict
         cfg = spec.adapt_to_data(cfg, ds.sample_shape)
     except ValueError as e:
         raise DataError(str(e)) from None
-    run = Run.create(root, spec.name, asdict(cfg), ds.info, force=force)
-    run.manifest["size"] = size or "default"
-    if spec.source:
-        run.manifest["model_source"] = spec.source
-    run.save()
+    extra = {"size": size or "default", **({"model_source": spec.source} if spec.source else {})}
+    run = Run.create(root, spec.name, asdict(cfg), ds.info, force=force, extra=extra)
     return run, ds
 
 
 # --- the stages --------------------------------------------------------------------------------------
 
 def stage_train(run: Run, ctx: Context) -> None:
-    from .stages.train import train, train_config_for
+    from .stages.train import adopt_weights, train, train_config_for
 
     if not ctx.train or ctx.weights is not None:
-        from .core.byo import adopt_weights
-
         adopt_weights(run, ctx.weights, ctx.data_for(run), seed=ctx.seed)
-        return
+    else:
+        cfg = train_config_for(run.spec, seed=ctx.seed, **{**ctx.sections.get("train", {}),
+                                                            **ctx.flags.get("train", {})})
+        train(run, cfg, ctx.data_for(run), progress=ctx.progress)
+    warn_if_near_chance(run)
 
-    cfg = train_config_for(run.spec, seed=ctx.seed, **ctx.train_overrides)
-    train(run, cfg, ctx.data_for(run), progress=ctx.progress)
+
+def warn_if_near_chance(run: Run) -> None:
+    """A root at chance accuracy makes every budget pass with agreement 1.0: say so (printed and recorded)."""
+    acc = run.metrics("torch").get("accuracy")
+    classes = getattr(run.model_config(), "num_classes", None)
+    if POLICY.near_chance(acc, classes):
+        msg = (f"the trained model's test accuracy {acc:.3f} is within {POLICY.chance_margin_pt:g} points of chance "
+               f"({1 / classes:.3f} for {classes} classes): every compression budget will pass trivially; train "
+               "longer, check the data and labels, or bring trained weights (--weights)")
+        log.warning(msg)
+        run.update_section("warnings", near_chance=msg)
 
 
 def stage_export(run: Run, ctx: Context) -> None:
-    from .stages.export import ExportConfig, export
+    from .stages.export import export
 
-    export(run, stage_config(ExportConfig, ctx, "export"), test_inputs=ctx.data_for(run).x_test)
-
-
-def stage_config(cls, ctx: Context, stage: str, **defaults):
-    """cls(**defaults, **[stage] options), with a clear error for an unknown setting."""
-    try:
-        return cls(**{**defaults, **ctx.options(stage)})
-    except TypeError as e:
-        raise ConfigError(f"bad [{stage}] setting: {e}") from None
+    export(run, ctx.config(ExportConfig, "export", run), ctx.data_for(run))
 
 
 def stage_optimize(run: Run, ctx: Context) -> None:
-    from .stages.optimize import OptimizeConfig, optimize
+    from .stages.optimize import optimize
 
-    optimize(run, stage_config(OptimizeConfig, ctx, "optimize"))
+    optimize(run, ctx.config(OptimizeConfig, "optimize", run))
 
 
 def stage_quantize(run: Run, ctx: Context) -> None:
-    from .stages.quantize import QuantizeConfig, quantize
+    from .stages.quantize import quantize
 
-    quantize(run, stage_config(QuantizeConfig, ctx, "quantize", mode="auto"), ctx.data_for(run))
+    quantize(run, ctx.config(QuantizeConfig, "quantize", run), ctx.data_for(run))
 
 
 def stage_distill(run: Run, ctx: Context) -> None:
     """Train the student, then put it through the same export / optimize / quantize functions as the teacher."""
-    from .stages.distill import DistillConfig, distill
-    from .stages.export import ExportConfig, export
-    from .stages.optimize import OptimizeConfig, optimize
-    from .stages.quantize import QuantizeConfig, quantize
+    from .stages.distill import distill
+    from .stages.export import export
+    from .stages.optimize import optimize
+    from .stages.quantize import quantize
 
     ds = ctx.data_for(run)
-    distill(run, stage_config(DistillConfig, ctx, "distill", seed=ctx.seed), ds, progress=ctx.progress)
-    export(run, stage_config(ExportConfig, ctx, "export"), source="student", target="student_onnx")
-    optimize(run, stage_config(OptimizeConfig, ctx, "optimize"), source="student_onnx")
-    quantize(run, stage_config(QuantizeConfig, ctx, "quantize", mode="auto"), ds, source="student_onnx")
+    distill(run, ctx.config(DistillConfig, "distill", run, seed=ctx.seed), ds, progress=ctx.progress)
+    export(run, ctx.config(ExportConfig, "export", run), source="student", target="student_onnx")
+    optimize(run, ctx.config(OptimizeConfig, "optimize", run), source="student_onnx")
+    quantize(run, ctx.config(QuantizeConfig, "quantize", run), ds, source="student_onnx")
 
 
-def stage_select(run: Run, ctx: Context) -> None:
-    from .stages.select import SelectConfig, select
-
-    select(run, stage_config(SelectConfig, ctx, "select"))
-    if "distillation" in run.manifest:  # the student's speedup over the teacher's fastest variant, as timed here
-        from .stages.distill import student_speedup
-
-        run.manifest["distillation"]["speedup"] = student_speedup(run)
-        run.save()
-
-
-def stage_verify(run: Run, ctx: Context) -> None:
+def stage_verify(run: Run, ctx: Context) -> list:
     from .errors import ParityError
-    from .stages.verify import VerifyConfig, failures, verify
+    from .stages.verify import failures, verify
 
-    reports = verify(run, stage_config(VerifyConfig, ctx, "verify"), ctx.data_for(run))
+    ds = ctx.data_for(run) if run.dataset_info else None
+    reports = verify(run, ctx.config(VerifyConfig, "verify", run), ds)
     failed = failures(reports)
     if failed:
         raise ParityError(failed[0])
+    return reports
 
 
-def stage_bench(run: Run, ctx: Context) -> None:
-    from .stages.bench import BenchConfig, bench
+def stage_select(run: Run, ctx: Context) -> None:
+    from .stages.select import select
 
-    bench(run, stage_config(BenchConfig, ctx, "bench"))
+    select(run, ctx.config(SelectConfig, "select"))
+    if run.section("distillation"):  # the student's speedup over the teacher's fastest variant, as timed here
+        from .stages.distill import student_speedup
 
-
-def stage_explain(run: Run, ctx: Context) -> None:
-    from .stages.explain import ExplainConfig, explain
-
-    explain(run, stage_config(ExplainConfig, ctx, "explain"), ctx.data_for(run))
+        run.update_section("distillation", speedup=student_speedup(run))
 
 
-def stage_report(run: Run, ctx: Context) -> None:
+def stage_bench(run: Run, ctx: Context, log_line: Callable[[str], None] | None = None) -> dict:
+    from .stages.bench import bench
+
+    return bench(run, ctx.config(BenchConfig, "bench"), log=log_line)
+
+
+def stage_explain(run: Run, ctx: Context) -> dict:
+    from .stages.explain import explain
+
+    return explain(run, ctx.config(ExplainConfig, "explain"), ctx.data_for(run))
+
+
+def stage_report(run: Run, ctx: Context, *, divergence: bool = True) -> tuple[Path, Path]:
+    """report.html + report.md in the run folder (with the per-node chart of quantized variants)."""
     from .stages.divergence import record_node_divergence
     from .stages.report import write_report
 
-    record_node_divergence(run, ctx.data_for(run))  # the per-node chart of quantized variants
-    write_report(run)  # report.html + report.md in the run folder; `onnxpipe run` prints the path
+    if divergence and run.dataset_info:
+        record_node_divergence(run, ctx.data_for(run))
+    return write_report(run)
 
 
-StageFn = Callable[[Run, Context], None]
+StageFn = Callable[[Run, Context], Any]
 STAGES: list[tuple[str, StageFn]] = [
     ("train", stage_train),
     ("export", stage_export),
@@ -177,6 +208,32 @@ STAGES: list[tuple[str, StageFn]] = [
     ("explain", stage_explain),
     ("report", stage_report),
 ]
+STAGE_NAMES = [n for n, _ in STAGES]
+# Stages that need the PyTorch model, which an imported ONNX run does not have.
+TORCH_STAGES = ("train", "export", "distill", "explain")
+
+
+def parse_stages(requested: str | None, *, imported: bool = False) -> list[str] | None:
+    """`--stages`: None (all), 'all' (every stage that applies) or a comma-separated list, checked by name."""
+    if requested is None:
+        return None
+    applicable = [n for n in STAGE_NAMES if not (imported and n in TORCH_STAGES)]
+    if requested.strip() == "all":
+        return applicable
+    wanted = [s.strip() for s in requested.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in STAGE_NAMES]
+    if unknown or not wanted:
+        raise ConfigError(f"unknown stage(s) {', '.join(unknown) or repr(requested)}; stages: {', '.join(STAGE_NAMES)}")
+    torch_only = [s for s in wanted if imported and s in TORCH_STAGES]
+    if torch_only:
+        raise ConfigError(f"stage(s) {', '.join(torch_only)} need the PyTorch model, which an imported ONNX run "
+                          f"does not have; stages that apply: {', '.join(applicable)}")
+    return wanted
+
+
+def stages_for_import(requested: str) -> list[str]:
+    """`--stages` of `onnxpipe import`: 'all' (every stage that applies) or a comma-separated list."""
+    return parse_stages(requested, imported=True) or []
 
 
 def run_model(model: str, root: Path, ctx: Context, *, overrides: dict | None = None, size: str | None = None,
@@ -190,10 +247,9 @@ def run_model(model: str, root: Path, ctx: Context, *, overrides: dict | None = 
 def run_stages(run: Run, ctx: Context, stages: list[str] | None = None,
                on_stage: Callable[[str, str], None] | None = None) -> Run:
     """Run the STAGES named in `stages` (all when empty), in pipeline order, on an existing run folder."""
-    names = [n for n, _ in STAGES]
-    unknown = set(stages or []) - set(names)
+    unknown = set(stages or []) - set(STAGE_NAMES)
     if unknown:
-        raise ConfigError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(names)}")
+        raise ConfigError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(STAGE_NAMES)}")
     for name, fn in STAGES:
         if stages and name not in stages:
             continue
@@ -202,28 +258,25 @@ def run_stages(run: Run, ctx: Context, stages: list[str] | None = None,
         t0 = time.monotonic()
         fn(run, ctx)
         ctx.timings[name] = round(time.monotonic() - t0, 2)
-    run.manifest.setdefault("timings", {}).update(ctx.timings)
-    run.save()
+    run.update_section("timings", **ctx.timings)
     return run
 
 
 def summary_rows(run: Run) -> list[dict]:
-    """One row per variant: accuracy, parity against its parent, size."""
-    parity = {(p["reference"], p["candidate"]): p for p in run.manifest["parity"]}
+    """One row per variant: accuracy, parity against its parent (worded by the policy), size."""
     rows = []
     for v in run.variants():
         art = run.artifact(v)
-        p = parity.get((art.parent, v)) if art.parent else None
+        p = next(iter(run.parity(reference=art.parent, candidate=v)), None) if art.parent else None
         if p is None:
             check = "-"
         elif p["rule"] == "tensor":
-            check = f"{'pass' if p['passed'] else 'FAIL'} max|d| {p['max_abs']:.1e}"
+            check = f"{entry_verdict(p)} max|d| {p['max_abs']:.1e}"
         else:
-            verdict = "pass" if p["passed"] else ("over budget" if p.get("gate") else "FAIL")
-            check = f"{verdict} agree {p['agreement']:.3f}"
+            check = f"{entry_verdict(p)} agree {p['agreement']:.3f}"
         rows.append({
             "model": run.model_name, "variant": v, "parent": art.parent or "-",
             "accuracy": run.metrics(v).get("accuracy"), "parity": check, "bytes": art.bytes,
-            "selected": run.manifest.get("selected") == v,
+            "selected": run.selected == v,
         })
     return rows

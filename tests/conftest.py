@@ -40,12 +40,28 @@ def tiny_run(tmp_path_factory):
     def make(model: str) -> Path:
         if model not in cache:
             root = tmp_path_factory.mktemp("runs") / model
-            ctx = Context(limit=TINY_LIMIT, progress=False, train_overrides=dict(TINY_TRAIN))
+            ctx = Context(limit=TINY_LIMIT, progress=False, sections={"train": dict(TINY_TRAIN)})
             run_model(model, root, ctx, stages=["train", "export"])
             cache[model] = root
         return cache[model]
 
     return make
+
+
+def edit_manifest(root: Path, fn) -> None:
+    """Change manifest.json on disk as a person or another tool would (tests of tampered or odd run folders)."""
+    import json
+
+    path = Path(root) / "manifest.json"
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m, indent=2))
+
+
+@pytest.fixture(scope="session")
+def edit():
+    """edit_manifest as a fixture: edit(root, fn) applies fn to the manifest dict on disk."""
+    return edit_manifest
 
 
 def copy_run(src: Path, tmp_path: Path) -> Path:

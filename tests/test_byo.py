@@ -14,9 +14,9 @@ from onnxpipe.cli import app
 from onnxpipe.errors import ArtifactError, ConfigError
 from onnxpipe.orchestrate import STAGES, Context, run_model
 from onnxpipe.runfolder import Run
-from onnxpipe.stages.train import load_torch_model
+from onnxpipe.core.predictors import load_torch_model
 
-TINY = dict(limit=300, progress=False, train_overrides={"epochs": 3, "lr": 3e-3, "patience": 3})
+TINY = dict(limit=300, progress=False, sections={"train": {"epochs": 3, "lr": 3e-3, "patience": 3}})
 
 CNN_FILE = """
 import torch
@@ -86,7 +86,7 @@ def test_user_sequence_model_keeps_its_dynamic_length(tmp_path):
     ref = write(tmp_path, SEQUENCE_FILE, "rows.py") + ":build"
     spec = resolve_model(ref)
     assert spec.family == "sequence" and spec.inputs[0].dynamic == {0: "batch", 1: "seq_len"}
-    run = run_model(ref, tmp_path / "run", Context(**{**TINY, "train_overrides": {"epochs": 1}}),
+    run = run_model(ref, tmp_path / "run", Context(**{**TINY, "sections": {"train": {"epochs": 1}}}),
                     stages=["train", "export"])
     export = next(p for p in run.manifest["parity"] if p["candidate"] == "onnx")
     assert export["passed"] and {1, 8, 16} <= {s[1] for s in export["shapes"]}

@@ -7,7 +7,7 @@ from onnxpipe.stages.distill import DistillConfig, distill, student_spec_and_con
 from onnxpipe.errors import ConfigError
 from onnxpipe.stages.export import ExportConfig, export
 from onnxpipe.runfolder import Run
-from onnxpipe.stages.verify import VerifyConfig, path_budget, verify
+from onnxpipe.stages.verify import VerifyConfig, verify
 
 TINY = dict(epochs=2, scratch_baseline=True)
 
@@ -22,7 +22,7 @@ def test_student_is_smaller_exports_with_parity_and_records_scratch(copy_of):
     assert d["distillation_gain_pt"] == pytest.approx(100 * (d["distilled_accuracy"] - d["scratch_accuracy"]))
     assert d["distilled_accuracy"] > 0.3  # well above chance (0.1) after two epochs
 
-    from onnxpipe.stages.train import load_torch_variant
+    from onnxpipe.core.predictors import load_torch_variant
 
     _, spec, cfg = load_torch_variant(run, "student")  # the student rebuilds as itself, not as its teacher
     assert spec.name == "cnn" and cfg.channels1 == 16 and cfg.hidden == 32
@@ -35,7 +35,7 @@ def test_student_is_smaller_exports_with_parity_and_records_scratch(copy_of):
     assert p["passed"] and p["max_abs"] < 1e-4 and p["rule"] == "tensor"
 
     # against the teacher the student is judged by its own budget (accuracy drop only)
-    assert path_budget(run, "torch", "student_onnx") == {"max_accuracy_drop": 1.5, "min_agreement": 0.0, "gate": True}
+    assert run.budget_for("student_onnx", "torch") == {"max_accuracy_drop": 1.5, "min_agreement": 0.0, "gate": True}
     reports = {(r.reference, r.candidate): r for r in verify(run, VerifyConfig(batches=(1, 7)), ds)}
     vs_teacher = reports[("torch", "student_onnx")]
     assert vs_teacher.rule == "task" and vs_teacher.max_accuracy_drop == 1.5
@@ -61,7 +61,7 @@ def test_cross_model_student_for_sequences(copy_of):
     assert spec.name == "gru" and cfg.hidden == 32 and cfg.seq_len == run.model_config().seq_len
     ds = reload_dataset(run.manifest["dataset"])
     distill(run, DistillConfig(student_model="gru", epochs=1, scratch_baseline=False), ds, progress=False)
-    assert run.manifest["artifacts"]["student"]["extra"]["model"] == "gru"
+    assert run.manifest["artifacts"]["student"]["model"]["name"] == "gru" and run.spec_of("student").name == "gru"
     export(run, ExportConfig(batches=(2,)), source="student", target="student_onnx")
     shapes = {tuple(s) for p in run.manifest["parity"] if p["candidate"] == "student_onnx" for s in p["shapes"]}
     assert {s[1] for s in shapes} == {1, 8, 16}  # the GRU student keeps the sequence axis dynamic
@@ -140,7 +140,7 @@ def test_student_over_budget_is_kept_but_never_selected(copy_of):
     export(run, ExportConfig(batches=(2,)), source="student", target="student_onnx")
     reports = verify(run, VerifyConfig(batches=(2,)), ds)
     gate = next(r for r in reports if (r.reference, r.candidate) == ("torch", "student"))
-    assert not gate and gate.gate and "OVER BUDGET" in gate.summary()
+    assert not gate and gate.gate and "over budget" in gate.summary() and gate.verdict == "over budget"
     assert gate.accuracy_drop > 0.0
     assert failures(reports) == []  # torch -> onnx and student -> student_onnx still pass
     ok, why = verdict(run, "student_onnx")
@@ -156,3 +156,53 @@ def test_summary_shows_a_missed_gate_as_over_budget(copy_of):
     verify(run, VerifyConfig(batches=(2,)), ds)
     row = next(r for r in summary_rows(run) if r["variant"] == "student")
     assert row["parity"].startswith("over budget")
+
+
+def test_report_and_show_agree_on_an_over_budget_student(copy_of):
+    """One verdict wording everywhere: the report's matrix and checks say "over budget", never FAIL, for a
+    student that only missed its selection gate, as `onnxpipe show` does."""
+    from onnxpipe.orchestrate import summary_rows
+    from onnxpipe.stages.report import write_report
+
+    run = Run.open(copy_of("gru"))
+    ds = reload_dataset(run.manifest["dataset"])
+    distill(run, DistillConfig(epochs=1, scratch_baseline=False, max_accuracy_drop=0.0, lr=1e-5), ds, progress=False)
+    verify(run, VerifyConfig(batches=(2,)), ds)
+    shown = next(r for r in summary_rows(run) if r["variant"] == "student")["parity"]
+    _, md = write_report(run)
+    text = md.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| torch | student | task |"))
+    assert shown.startswith("over budget") and "| over budget |" in row
+    assert "FAIL" not in text
+
+
+def test_a_student_of_another_model_goes_through_every_stage_with_its_own_spec(copy_of):
+    """A GRU student under a Transformer teacher: optimize, verify, select, flops and bench read the GRU's
+    own spec and config (the teacher's would announce missing attention, and count no GRU work)."""
+    from onnxpipe.stages.bench import BenchConfig, bench
+    from onnxpipe.stages.optimize import OptimizeConfig, optimize
+    from onnxpipe.stages.select import SelectConfig, select
+
+    run = Run.open(copy_of("transformer"))
+    ds = reload_dataset(run.manifest["dataset"])
+    distill(run, DistillConfig(student_model="gru", epochs=1, scratch_baseline=False), ds, progress=False)
+    export(run, ExportConfig(batches=(1, 3)), source="student", target="student_onnx")
+    optimize(run, OptimizeConfig(batches=(1, 3)), source="student_onnx")
+    for v in ("student", "student_onnx", "student_onnx_opt"):
+        assert run.spec_of(v).name == "gru" and run.model_config_of(v).hidden == 64  # the GRU's own default
+    assert run.spec_of("onnx").name == "transformer" and run.model_config_of("onnx").heads == 4
+    (opt,) = run.parity(reference="student_onnx", candidate="student_onnx_opt")
+    assert opt["passed"] and not opt.get("notes")  # the teacher's spec would add "the model has attention ..."
+    reports = {(r.reference, r.candidate): r for r in verify(run, VerifyConfig(batches=(1, 3)), ds)}
+    grid = reports[("student_onnx", "student_onnx_opt")]
+    assert grid and {tuple(c.shape) for c in grid.checks} == {(1, 1, 8), (1, 8, 8), (1, 16, 8), (3, 1, 8), (3, 8, 8),
+                                                                 (3, 16, 8)}
+    select(run, SelectConfig(warmup=1, runs=2, min_seconds=0.0))
+    assert all(run.metrics(v).get("latency_ms") for v in ("student_onnx", "student_onnx_opt"))
+    bench(run, BenchConfig(batches=(2,), threads=(1,), warmup=0, runs=2, block=2, memory=False,
+                           variants=("student", "student_onnx_opt", "onnx")))
+    flops = run.metrics("student_onnx_opt")["bench"]["flops"]
+    assert any(op.startswith("GRU") for op in flops["by_op"]) and flops["total"] > 0
+    teacher = run.metrics("onnx")["bench"]["flops"]
+    assert any("Attention" in op for op in teacher["by_op"])
+    assert run.metrics("student")["bench"]["latency"]["1"]["2"]["p50_ms"] > 0  # torch student timed too

@@ -71,7 +71,7 @@ def test_samples_put_misclassified_first():
 
 def test_explain_cnn_with_a_disagreeing_variant_shows_in_the_report(copy_of):
     from onnxpipe.stages.report import write_report
-    from onnxpipe.stages.train import load_torch_model, save_weights
+    from onnxpipe.core.predictors import load_torch_model, save_weights
 
     run = Run.open(copy_of("cnn"))
     model = load_torch_model(run)
@@ -95,7 +95,7 @@ def test_explain_cnn_with_a_disagreeing_variant_shows_in_the_report(copy_of):
 def test_explain_sequence_models(model_name, tmp_path):
     from onnxpipe.orchestrate import Context, run_model
 
-    ctx = Context(limit=120, progress=False, train_overrides={"epochs": 1})
+    ctx = Context(limit=120, progress=False, sections={"train": {"epochs": 1}})
     run = run_model(model_name, tmp_path / model_name, ctx, stages=["train"])
     info = explain(run, ExplainConfig(samples=3, steps=4))
     assert "time step" in info["method"] and ("attention" in info["method"]) == (model_name == "transformer")

@@ -142,7 +142,15 @@ def test_handmade_graph_without_data(tmp_path):
     assert run.manifest["dataset"] is None and run.metrics("onnx") == {}
     x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     np.testing.assert_allclose(make_session(run.path("onnx"), device="cpu")(x), x @ w, rtol=1e-6)
+    # Without data, verify still runs the lossless checks, on generated inputs over the shape grid.
+    r = CliRunner().invoke(app, ["optimize", str(run.root)])
+    assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, ["verify", str(run.root)])
+    assert r.exit_code == 0, r.output
+    (entry,) = Run.open(run.root).parity(reference="onnx", candidate="onnx_opt")
+    assert entry["rule"] == "tensor" and entry["passed"] and entry["max_abs"] < 1e-4 and len(entry["shapes"]) == 3
+    # Checks that need labelled data say so.
+    r = CliRunner().invoke(app, ["quantize", str(run.root)])
     assert r.exit_code == 1 and "imported without --data" in r.output
 
 

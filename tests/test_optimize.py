@@ -13,7 +13,7 @@ from onnxpipe.core.runtime import make_session
 @pytest.mark.parametrize("model", list_models())
 def test_optimize_writes_onnx_opt_with_grid_parity(copy_of, model):
     run = Run.open(copy_of(model))
-    art = optimize(run, OptimizeConfig())
+    (art,) = optimize(run, OptimizeConfig())
     run = Run.open(run.root)  # what was saved
     rec = run.artifact("onnx_opt")
     assert rec.parent == "onnx" and not rec.lossy and rec.stage == "optimize"
@@ -34,7 +34,7 @@ def test_optimize_writes_onnx_opt_with_grid_parity(copy_of, model):
 
 def test_transformer_keeps_native_attention_and_counts_fusions(copy_of):
     run = Run.open(copy_of("transformer"))
-    art = optimize(run, OptimizeConfig())
+    (art,) = optimize(run, OptimizeConfig())
     layers = run.model_config().layers
     assert art.extra["attention_nodes"] == layers
     assert art.extra["ops_after"].get("Attention") == layers
@@ -45,7 +45,7 @@ def test_transformer_keeps_native_attention_and_counts_fusions(copy_of):
 
 
 def test_cnn_convs_fuse_with_their_relus(copy_of):
-    art = optimize(Run.open(copy_of("cnn")), OptimizeConfig())
+    (art,) = optimize(Run.open(copy_of("cnn")), OptimizeConfig())
     assert art.extra["fused_nodes"].get("com.microsoft.FusedConv") == 3
     assert "Relu" not in art.extra["ops_after"] or art.extra["ops_after"]["Relu"] < art.extra["ops_before"]["Relu"]
 

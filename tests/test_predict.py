@@ -96,3 +96,22 @@ def test_bad_inputs_are_clear_errors(tiny_run, tmp_path, case, make, words):
         load_inputs(Run.open(tiny_run("cnn")), path, SHAPE, "tensor(float)")
     result = CliRunner().invoke(app, ["predict", str(tiny_run("cnn")), str(path)])
     assert result.exit_code == 1 and words in result.output and "Traceback" not in result.output
+
+
+def test_predict_and_training_normalize_identically(tmp_path):
+    """Same bytes in, same tensor out: raw rows of an npz source, normalized by `predict --raw`, equal the
+    training split's rows bit for bit (one normalization function for both)."""
+    from onnxpipe.core.data import load_dataset, stratified_split
+    from onnxpipe.orchestrate import prepare_run
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(200, 8, 8), dtype=np.uint8)
+    y = np.repeat(np.arange(10), 20)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    run, ds = prepare_run("lstm", tmp_path / "run", data=f"npz:{tmp_path / 'data.npz'}")
+    train_idx = stratified_split(y, (0.7, 0.1), seed=0)[0]
+    np.save(tmp_path / "raw.npy", x[train_idx])
+    got = load_inputs(run, tmp_path / "raw.npy", [None, None, 8], "tensor(float)", raw=True)
+    assert got.dtype == ds.x_train.dtype and got.tobytes() == ds.x_train.tobytes()
+    again = load_dataset(f"npz:{tmp_path / 'data.npz'}", "sequence")
+    assert again.x_train.tobytes() == ds.x_train.tobytes()

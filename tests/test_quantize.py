@@ -9,7 +9,8 @@ import pytest
 from onnx import numpy_helper
 
 from onnxpipe.models import list_models
-from onnxpipe.stages.budget import Budget, FitResult, fit_budget, node_errors
+from onnxpipe.core.policy import Budget
+from onnxpipe.stages.sensitivity import FitResult, fit_budget, node_errors
 from onnxpipe.core.data import Dataset, reload_dataset
 from onnxpipe.errors import ArtifactError, ConfigError, DataError
 from onnxpipe.core.parity import ParityReport

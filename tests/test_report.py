@@ -49,15 +49,18 @@ def reported(tiny_run, copy_run_to, tmp_path_factory):
     """A tiny cnn run, benched, plus a lossy variant with parity and per-node divergence, then the report."""
     run = Run.open(copy_run_to(tiny_run("cnn"), tmp_path_factory.mktemp("report")))
     shutil.copy(run.root / "model.onnx", run.root / "model_int8.onnx")
-    run.add_artifact("int8_dynamic", "model_int8.onnx", stage="quantize", parent="onnx", lossy=True,
-                     extra={"node_divergence": [{"node": "/features/0/Conv", "max_abs": 0.02},
-                                                {"node": "/head/3/Gemm", "max_abs": 0.3}]}, save=False)
-    run.set_metrics("onnx", accuracy=0.9, save=False)
-    run.set_metrics("int8_dynamic", accuracy=0.875, save=False)
-    run.record_parity({"reference": "onnx", "candidate": "int8_dynamic", "rule": "task", "passed": True,
-                       "max_abs": 0.4, "agreement": 0.99, "accuracy_drop": 2.5, "shapes": [[360, 10]]}, save=False)
-    run.manifest["selected"] = "int8_dynamic"
-    run.save()
+    # Per-node divergence as pipeline/stages/divergence.py records it (node_errors rows).
+    rows = [{"node": "/head/3/Gemm", "op": "Gemm", "tensor": "t1", "output_error": 0.31, "input_error": 0.01,
+             "added_error": 0.3},
+            {"node": "/features/0/Conv", "op": "Conv", "tensor": "t0", "output_error": 0.02, "input_error": 0.0,
+             "added_error": 0.02}]
+    with run.batch():
+        run.add_artifact("int8_dynamic", "model_int8.onnx", stage="quantize", parent="onnx", lossy=True)
+        run.set_metrics("onnx", accuracy=0.9)
+        run.set_metrics("int8_dynamic", accuracy=0.875, node_divergence=rows, node_divergence_source="test")
+        run.record_parity({"reference": "onnx", "candidate": "int8_dynamic", "rule": "task", "passed": True,
+                           "max_abs": 0.4, "agreement": 0.99, "accuracy_drop": 2.5, "shapes": [[360, 10]]})
+        run.set_selected("int8_dynamic")
     bench(run, BenchConfig(batches=(1, 4), threads=(1,), warmup=1, runs=3, block=2, memory=False))
     page, md = write_report(run)
     return Run.open(run.root), page.read_text(), md.read_text()
@@ -111,7 +114,7 @@ def test_pipeline_ends_with_bench_explain_report_stages(copy_of):
     names = [n for n, _ in STAGES]
     assert names[-3:] == ["bench", "explain", "report"] and names.index("verify") < names.index("bench")
     run = Run.open(copy_of("cnn"))
-    ctx = Context(progress=False, stage_options={
+    ctx = Context(progress=False, sections={
         "bench": {"batches": [2], "threads": [1], "runs": 2, "warmup": 0, "block": 2, "memory": False},
         "explain": {"samples": 2, "steps": 2}})
     for name, fn in STAGES[-3:]:

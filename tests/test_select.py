@@ -75,20 +75,25 @@ def test_cpu_features_from_cpuinfo():
     assert here["usable_cpus"] >= 1 and set(here["features"]) >= {"avx2", "avx512_vnni", "amx_int8", "int8_dot"}
 
 
-def test_verdicts_follow_the_manifest_and_the_lineage(copy_of):
+def test_verdicts_follow_the_manifest_and_the_lineage(copy_of, edit):
     run = Run.open(copy_of("cnn"))
     quantize(run, QuantizeConfig(mode="static", max_accuracy_drop=100.0, min_agreement=0.0),
              reload_dataset(run.manifest["dataset"]))
     assert verdict(run, "onnx") == (True, "") and verdict(run, "int8_static") == (True, "")
-    for p in run.manifest["parity"]:
-        if p["candidate"] == "onnx":
-            p["passed"] = False
+
+    def fail_onnx(m):
+        for p in m["parity"]:
+            if p["candidate"] == "onnx":
+                p["passed"] = False
+
+    edit(run.root, fail_onnx)
+    run = Run.open(run.root)
     ok, why = verdict(run, "onnx")
     assert not ok and "failed its tensor check against torch" in why
     ok, why = verdict(run, "int8_static")
     assert not ok and "its parent onnx is not eligible" in why
-    run.manifest["parity"] = [p for p in run.manifest["parity"] if p["candidate"] != "int8_static"]
-    assert "no verdict against its parent onnx" in verdict(run, "int8_static")[1]
+    edit(run.root, lambda m: m.__setitem__("parity", [p for p in m["parity"] if p["candidate"] != "int8_static"]))
+    assert "no verdict against its parent onnx" in verdict(Run.open(run.root), "int8_static")[1]
 
 
 def test_select_times_every_onnx_variant_and_records_the_machine(copy_of):
@@ -114,7 +119,7 @@ def test_compression_stages_run_in_pipeline_order(copy_of):
     assert names.index("export") < names.index("optimize") < names.index("quantize") < names.index("verify") \
         < names.index("select")
     run = Run.open(copy_of("lstm"))
-    ctx = Context(progress=False, stage_options={"select": {"warmup": 1, "runs": 2, "min_seconds": 0.0}})
+    ctx = Context(progress=False, sections={"select": {"warmup": 1, "runs": 2, "min_seconds": 0.0}})
     for name, fn in STAGES:
         if name in ("optimize", "quantize", "verify", "select"):
             fn(run, ctx)

@@ -358,7 +358,7 @@ def test_tampered_artifact_never_becomes_ready(copy_of):
             assert client.post("/v2/models/cnn/infer", json=json_request(GOOD)).status_code == 503
 
 
-def test_self_test_failure_keeps_the_model_unready(copy_of):
+def test_self_test_failure_keeps_the_model_unready(copy_of, edit):
     """A model that does not reproduce the recorded reference outputs is not served."""
     from onnxpipe.atomic import sha256_file
 
@@ -366,9 +366,7 @@ def test_self_test_failure_keeps_the_model_unready(copy_of):
     z = dict(np.load(root / "reference.npz"))
     z["outputs"] = z["outputs"] + 0.01  # the recorded answers no longer match the model
     np.savez(root / "reference.npz", **z)
-    run = Run.open(root)
-    run.manifest["reference"]["sha256"] = sha256_file(root / "reference.npz")
-    run.save()
+    edit(root, lambda m: m["reference"].__setitem__("sha256", sha256_file(root / "reference.npz")))
     model = ServedModel.prepare(Run.open(root), device="cpu", threads=1)
     model.load()
     assert model.state == "failed" and "self-test failed" in model.error and "max abs 0.01" in model.error

@@ -9,6 +9,8 @@ import os
 import platform
 from pathlib import Path
 
+from .timing import usable_cores
+
 CPUINFO = Path("/proc/cpuinfo")
 
 # Feature name in the manifest -> the /proc/cpuinfo flags that provide it (any of them).
@@ -62,7 +64,7 @@ def cpu_features(cpuinfo: str | None = None) -> dict:
         except OSError:  # not Linux: report the architecture, no flags
             cpuinfo, source = "", "unavailable"
     info = parse_cpuinfo(cpuinfo)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = usable_cores()
     return {
         "model": info["model"] or platform.processor() or "unknown",
         "arch": platform.machine(),

@@ -129,6 +129,18 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, float]:
 
 # --- shaping, split, normalization ------------------------------------------------------------------
 
+def normalize(x: np.ndarray, norm: dict, *, unit: bool = False) -> np.ndarray:
+    """The one input normalization, used by training data, `onnxpipe predict` and every package:
+    (x * scale - mean) / std, with the run's recorded `normalization` {scale, mean, std}.
+
+    `x` is in the source's own units (digits 0..16, uint8 pixels 0..255), or already in [0, 1] with
+    `unit=True` (an image file read as grayscale)."""
+    x = np.asarray(x, dtype=np.float32)
+    if not unit:
+        x = x * np.float32(norm["scale"])
+    return (x - np.float32(norm["mean"])) / np.float32(norm["std"])
+
+
 def _check_labels(y: np.ndarray, num_classes: int, where: str) -> np.ndarray:
     if not np.issubdtype(y.dtype, np.integer):
         if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
@@ -249,9 +261,10 @@ def load_dataset(
         x_va, y_va = sub(x_va, y_va, max(limit // 4, 1))
         x_test, y_test = sub(x_test, y_test, max(limit // 4, 1))
 
-    shaped = [_shape_for(a, family, image_size, source) / scale for a in (x_tr, x_va, x_test)]
-    mean, std = float(shaped[0].mean()), float(shaped[0].std()) or 1.0
-    x_tr, x_va, x_test = ((a - mean) / std for a in shaped)
+    shaped = [_shape_for(a, family, image_size, source) for a in (x_tr, x_va, x_test)]
+    unit = shaped[0] * np.float32(1.0 / scale)
+    norm = {"scale": 1.0 / scale, "mean": float(unit.mean()), "std": float(unit.std()) or 1.0}
+    x_tr, x_va, x_test = (normalize(a, norm) for a in shaped)
     if layout == "nhwc":
         x_tr, x_va, x_test = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (x_tr, x_va, x_test))
     info = {
@@ -266,7 +279,7 @@ def load_dataset(
         "num_classes": num_classes,
         "split": {"train": len(y_tr), "val": len(y_va), "test": len(y_test),
                   "train_sha": _fingerprint(train_idx), "val_sha": _fingerprint(val_idx)},
-        "normalization": {"scale": 1.0 / scale, "mean": mean, "std": std},
+        "normalization": norm,
         "sample_shape": list(x_tr.shape[1:]),
         "layout": layout,
     }

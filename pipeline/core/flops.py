@@ -25,14 +25,14 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ArtifactError, ConfigError
+from .onnxgraph import INTEGER_KERNELS, GraphIndex
 
 CONV = {"Conv", "FusedConv", "ConvInteger", "QLinearConv"}
 GEMM = {"Gemm", "FusedGemm", "QGemm"}
 MATMUL = {"MatMul", "FusedMatMul", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 RECURRENT = {"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"}
 ATTENTION = {"Attention", "MultiHeadAttention"}
-INTEGER_OPS = {"ConvInteger", "QLinearConv", "QGemm", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat",
-               "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
+INTEGER_OPS = INTEGER_KERNELS
 # Index of the weight input of each quantized op (QLinear* carry scale / zero point inputs in between).
 WEIGHT_INPUT = {"QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3}
 
@@ -163,7 +163,7 @@ def count_flops(model_or_path, inputs: Sequence[np.ndarray] | None = None, *, di
         inputs = _synthesize_inputs(model, {"batch": 1, **(dims or {})})
     rows = _rows(model, inputs)
     shapes = tensor_shapes(model, inputs)
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = GraphIndex.of(model.graph).producer
 
     def from_dq(name: str) -> bool:
         node = producers.get(name)
@@ -240,5 +240,5 @@ def count_variant_flops(run, variant: str) -> FlopCount | None:
         if not exported:
             return None
         variant = exported[0]
-    inputs = [t.numpy() for t in run.spec.example_inputs(run.model_config(), batch=1)]
-    return count_flops(run.path(variant), inputs)
+    spec, cfg = run.spec_of(variant), run.model_config_of(variant)
+    return count_flops(run.path(variant), [t.numpy() for t in spec.example_inputs(cfg, batch=1)])

@@ -1,6 +1,6 @@
 """Parity checks. A comparison returns a report; the caller decides (and raises ParityError).
 
-Two rules (DESIGN.md, parity policy):
+Two rules (the numbers live in pipeline/core/policy.py):
   tensor  lossless steps: every element within atol + rtol*|ref|, over a grid of input shapes
   task    lossy steps: top-1 agreement and accuracy drop on held-out data, tensor stats beside them
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .policy import Budget, verdict_word
 
 
 @dataclass
@@ -78,8 +80,24 @@ class ParityReport:
     def failing(self) -> list[TensorCheck]:
         return [c for c in self.checks if not c.passed]
 
+    @property
+    def verdict(self) -> str:
+        """pass, over budget (a missed selection gate: kept, never selected) or FAIL (policy.verdict_word)."""
+        return verdict_word(self.passed, self.gate)
+
+    def budget_line(self) -> str:
+        """One line: why a task report passes or misses its budget."""
+        parts = []
+        if self.agreement is not None:
+            op = ">=" if self.agreement >= (self.min_agreement or 0) else "<"
+            parts.append(f"agreement {self.agreement:.4f} {op} {self.min_agreement}")
+        if self.accuracy_drop is not None:
+            op = "<=" if self.accuracy_drop <= (self.max_accuracy_drop or 0) + 1e-9 else ">"
+            parts.append(f"accuracy drop {self.accuracy_drop:.2f} pt {op} {self.max_accuracy_drop} pt")
+        return ("within budget: " if self else "over budget: ") + ", ".join(parts)
+
     def summary(self) -> str:
-        verdict = "PASS" if self else ("OVER BUDGET (kept, never selected)" if self.gate else "FAIL")
+        verdict = self.verdict + (" (kept, never selected)" if self.verdict != "pass" and self.gate else "")
         head = f"parity {self.reference} -> {self.candidate} ({self.rule} rule): {verdict}"
         lines = [head]
         if self.rule == "tensor":
@@ -181,3 +199,12 @@ def task_parity(reference: str, candidate: str, ref_logits: np.ndarray, cand_log
         candidate_accuracy=float((cand_logits.argmax(1) == labels).mean()),
         max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, cosine=cosine,
     )
+
+
+def judge(budget: Budget, reference: str, candidate: str, ref_logits: np.ndarray, cand_logits: np.ndarray,
+          labels: np.ndarray) -> ParityReport:
+    """A lossy variant against its reference by `budget` (task rule; a gate budget marks the report)."""
+    report = task_parity(reference, candidate, ref_logits, cand_logits, labels,
+                         max_accuracy_drop=budget.max_accuracy_drop, min_agreement=budget.min_agreement)
+    report.gate = budget.gate
+    return report

@@ -4,16 +4,15 @@ The execution provider is chosen explicitly (auto | cpu | cuda) and read back fr
 session: a CUDA request that ORT cannot honour is an error, never a silent CPU run."""
 from __future__ import annotations
 
-import os
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from ..errors import ArtifactError, ConfigError, DeviceError
+from .timing import default_threads
 
-Device = Literal["auto", "cpu", "cuda"]
 OPT_LEVELS = ("disable", "basic", "extended", "layout", "all")
 
 CUDA_EP = "CUDAExecutionProvider"
@@ -43,8 +42,23 @@ def resolve_providers(device: str) -> list[str]:
     return [CUDA_EP, CPU_EP] if CUDA_EP in have else [CPU_EP]
 
 
-def physical_cores() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+ORT_DEFAULT_SEVERITY = 2          # ONNX Runtime's own default (warnings); it has no getter, so we track ours
+_severity = [ORT_DEFAULT_SEVERITY]
+
+
+@contextlib.contextmanager
+def ort_log_severity(level: int):
+    """Set ONNX Runtime's process-wide log severity for a block and restore it afterwards."""
+    import onnxruntime as ort
+
+    before = _severity[0]
+    ort.set_default_logger_severity(level)
+    _severity[0] = level
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(before)
+        _severity[0] = before
 
 
 @dataclass
@@ -95,7 +109,7 @@ def make_session(path: str | Path, *, device: str = "auto", threads: int | None 
         "layout": getattr(ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[opt_level]
-    n = threads or physical_cores()
+    n = default_threads(threads)
     so.intra_op_num_threads = n
     so.inter_op_num_threads = 1
     so.log_severity_level = 3  # errors only: ORT's warnings are not actionable for users here

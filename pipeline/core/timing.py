@@ -1,14 +1,30 @@
-"""Latency measurement shared by variant selection and `onnxpipe bench`.
+"""The one measurement path: the timing loop, the usable cores and the default thread count.
 
-Method: monotonic clock, warm-up discarded, runs interleaved across candidates (A B C A B C ...)
-so that machine noise hits all alike; percentiles and spread are reported, never the best run."""
+Used by select, bench, the serving self-check and every script in benchmarks/. Method: monotonic
+clock, warm-up discarded, runs interleaved across candidates (A B C A B C ...) so that machine noise
+hits all alike; percentiles and spread are reported, never the best run. Sessions being timed side
+by side must not spin (ONNX Runtime's idle threads would steal the cores from the next candidate):
+`load_predictor(..., spinning=False)`."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask; os.cpu_count where there is none)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def default_threads(threads: int | None = None) -> int:
+    """The intra-op thread count when none is asked for: every usable core (the one place this is decided)."""
+    return threads if threads is not None else usable_cores()
 
 
 @dataclass
@@ -69,3 +85,17 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], *, batch: int, war
         if rounds >= 100 * max(runs, 1):
             break
     return {n: summarize(samples[n], batch) for n in names}
+
+
+def time_predictors(predictors: Mapping[str, Callable[..., object]], inputs: Mapping[int, Sequence[np.ndarray]], *,
+                    warmup: int = 5, runs: int = 30, min_seconds: float = 0.0, block: int = 3,
+                    extra: Mapping[str, Callable[[], object]] | None = None) -> dict[int, dict[str, Latency]]:
+    """{batch: {name: Latency}}: every predictor called on `inputs[batch]`, interleaved per batch size,
+    with the `extra` zero-argument calls (machine-limit probes) timed in the same rounds."""
+    out: dict[int, dict[str, Latency]] = {}
+    for batch, x in inputs.items():
+        calls = {name: (lambda f=f, x=x: f(*x)) for name, f in predictors.items()}
+        calls.update(extra or {})
+        out[batch] = time_interleaved(calls, batch=batch, warmup=warmup, runs=runs, min_seconds=min_seconds,
+                                      block=block)
+    return out

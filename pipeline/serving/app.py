@@ -20,7 +20,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from starlette.applications import Starlette
@@ -30,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ConfigError, DeviceError
+from .config import ServeConfig
 from .batcher import DynamicBatcher, InferenceError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .model import ServedModel
@@ -39,31 +39,6 @@ log = logging.getLogger("onnxpipe.serve")
 access_log = logging.getLogger("onnxpipe.access")
 
 OFFLOAD_BYTES = 1 << 20   # bodies larger than this are decoded on a thread, so the event loop stays responsive
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 32
-    max_delay_ms: float = 2.0
-    max_body_mb: float = 32.0
-    access_log: bool = True
-    graceful_timeout_s: float = 30.0
-
-    def __post_init__(self):
-        if self.max_batch < 1:
-            raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
-        if not 0 <= self.max_delay_ms <= 1000:
-            raise ConfigError(f"--max-delay-ms must be in [0, 1000], got {self.max_delay_ms}")
-        if self.max_body_mb <= 0:
-            raise ConfigError(f"--max-body-mb must be > 0, got {self.max_body_mb}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
-
-    @property
-    def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * (1 << 20))
 
 
 def _server_version() -> str:

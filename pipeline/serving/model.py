@@ -6,21 +6,25 @@ without importing torch."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ArtifactError, ConfigError, OnnxpipeError
 from ..core.parity import compare_tensor
-from ..runfolder import Run
+from ..core.policy import POLICY
 from ..core.runtime import Session, make_session, resolve_providers
+from ..errors import ArtifactError, ConfigError, DeviceError, OnnxpipeError
+from ..runfolder import Run
 from .protocol import ORT_TO_V2, InferRequest, RequestError
 
 log = logging.getLogger("onnxpipe.serve")
 
-LOSSLESS_ATOL, LOSSLESS_RTOL = 1e-4, 1e-3   # DESIGN.md parity policy for lossless steps
-DEFAULT_MIN_AGREEMENT = 0.99                 # verify's default task budget for lossy steps
+
+def _finite_or_none(v):
+    """JSON has no infinity or NaN: such a number is reported as null (the detail text says what it was)."""
+    return v if not isinstance(v, float) or math.isfinite(v) else None
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class SelfTest:
     detail: str
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return {k: _finite_or_none(v) for k, v in self.__dict__.items()}
 
 
 def _metas(ort_args) -> list[TensorMeta]:
@@ -81,7 +85,7 @@ class ServedModel:
                 name: str | None = None) -> "ServedModel":
         """Cheap checks that decide whether serving can start at all (raise OnnxpipeError): the variant
         exists and is an ONNX model, and the requested device has a provider."""
-        variant = variant or run.manifest.get("selected")
+        variant = variant or run.selected
         if not variant:
             raise ConfigError(f"run {run.root} has no selected variant yet; pass --variant (it has: "
                               f"{', '.join(run.variants()) or 'none'}) or run `onnxpipe export {run.root}` first")
@@ -93,8 +97,11 @@ class ServedModel:
         if threads is not None and threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {threads}")
         resolve_providers(device)  # a --device cuda without a CUDA provider stops here, before the port opens
+        from dataclasses import asdict
+
+        vocab = asdict(run.model_config_of(variant)).get("vocab_size", 0)  # a real config field, not a derived default
         return cls(run=run, variant=variant, name=name or run.model_name, device=device, threads=threads,
-                   vocab_size=int(run.manifest.get("model_config", {}).get("vocab_size", 0) or 0))
+                   vocab_size=int(vocab or 0))
 
     # --- loading -------------------------------------------------------------------------------------
     @property
@@ -102,11 +109,10 @@ class ServedModel:
         return self.state == "ready"
 
     def load(self) -> None:
-        """sha256 check, session, self-test. Sets state; raises only DeviceError (the server must stop)."""
-        from ..errors import DeviceError
-
+        """sha256 check, session, self-test. Sets state ready or failed (with the reason); never stays
+        "loading". Raises only DeviceError (a device that cannot run the model: the server must stop)."""
         try:
-            path = self.run.path(self.variant)           # sha256 against the manifest
+            path = self.run.path(self.variant)           # inside the run folder, sha256 against the manifest
             # no spinning: idle ORT threads would busy-wait on the cores the event loop needs
             session = make_session(path, device=self.device, threads=self.threads, spinning=False)
             self.inputs, self.outputs = _metas(session.inner.get_inputs()), _metas(session.inner.get_outputs())
@@ -125,55 +131,54 @@ class ServedModel:
         except DeviceError as e:
             self.state, self.error = "failed", str(e)
             raise
-        except OnnxpipeError as e:
-            self.state, self.error = "failed", str(e)
-            log.error("model %s is NOT ready: %s", self.name, e)
+        except Exception as e:  # onnxpipe's own errors, and anything a graph or a damaged file raises
+            msg = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+            self.state, self.error = "failed", msg if isinstance(e, OnnxpipeError) else f"{type(e).__name__}: {msg}"
+            log.error("model %s is NOT ready: %s", self.name, self.error)
         finally:
             self._ready.set()
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 
-    def _reference(self) -> tuple[np.ndarray, np.ndarray, str]:
-        from ..atomic import sha256_file
-
+    def _reference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
         remake = (f"`onnxpipe export {self.run.root}` (or `onnxpipe import MODEL.onnx --data ...` for an imported "
                   "model) records one")
-        ref = self.run.manifest.get("reference")
+        ref = self.run.section("reference")
         if not ref:
             raise ArtifactError(f"run {self.run.root} has no reference outputs (reference.npz) for the start-up "
                                 f"self-test; {remake}")
-        path = self.run.root / ref["path"]
-        if not path.is_file():
-            raise ArtifactError(f"reference file {path} is missing; {remake}")
-        if sha256_file(path) != ref["sha256"]:
-            raise ArtifactError(f"reference file {path} changed since it was recorded (sha256 mismatch); {remake}")
-        with np.load(path, allow_pickle=False) as z:
-            return z["inputs"], z["outputs"], ref.get("variant", "torch")
+        path = self.run.checked_file(ref["path"], ref["sha256"], what="reference file", remake=remake)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                labels = z["labels"] if "labels" in z.files else None
+                return z["inputs"], z["outputs"], labels, ref.get("variant", "torch")
+        except (ValueError, OSError, KeyError) as e:
+            raise ArtifactError(f"reference file {path} cannot be read ({e}); {remake}") from None
 
     def _run_self_test(self) -> SelfTest:
-        """Replay the reference inputs (as one batch and one row at a time) and judge by the parity policy."""
-        from ..stages.verify import path_is_lossy
-
-        x, want, ref_variant = self._reference()
+        """Replay the reference inputs (as one batch and one row at a time) and judge them by the rule verify
+        used: the tensor tolerance for a lossless variant, the budget recorded along its lineage for a lossy one."""
+        x, want, _labels, ref_variant = self._reference()
         got = np.asarray(self.session.run(x)[0], np.float32)
         rows = np.concatenate([np.asarray(self.session.run(x[i:i + 1])[0], np.float32) for i in range(len(x))])
         finite = bool(np.all(np.isfinite(got)) and np.all(np.isfinite(rows)))
-        check = compare_tensor(want, got, output=self.outputs[0].name, shape=x.shape,
-                               atol=LOSSLESS_ATOL, rtol=LOSSLESS_RTOL)
-        rowcheck = compare_tensor(want, rows, output=self.outputs[0].name, shape=x.shape,
-                                  atol=LOSSLESS_ATOL, rtol=LOSSLESS_RTOL)
+        tol = POLICY.tensor
+        check = compare_tensor(want, got, output=self.outputs[0].name, shape=x.shape, atol=tol.atol, rtol=tol.rtol)
+        rowcheck = compare_tensor(want, rows, output=self.outputs[0].name, shape=x.shape, atol=tol.atol, rtol=tol.rtol)
         agreement = float(min((want.argmax(1) == got.argmax(1)).mean(), (want.argmax(1) == rows.argmax(1)).mean()))
         max_abs = max(check.max_abs, rowcheck.max_abs)
-        if path_is_lossy(self.run, ref_variant, self.variant):
-            budget = self.run.artifact(self.variant).extra.get("budget", {})
-            need = float(budget.get("min_agreement", DEFAULT_MIN_AGREEMENT))
-            passed = finite and agreement >= need
-            detail = (f"top-1 agreement with {ref_variant} {agreement:.3f} (budget >= {need}), "
-                      f"logits max abs {max_abs:.3g} (lossy variant: reported, not gated)")
+        if self.run.has(ref_variant) and self.run.is_lossy(ref_variant, self.variant):
+            budget = POLICY.budget_between(self.run, ref_variant, self.variant)
+            passed = finite and agreement >= budget.min_agreement
+            detail = (f"top-1 agreement with {ref_variant} {agreement:.3f} over {len(x)} rows (budget >= "
+                      f"{budget.min_agreement}, as recorded along its lineage), logits max abs {max_abs:.3g} "
+                      "(lossy variant: reported, not gated)")
+            if not finite:
+                detail += "; outputs hold NaN or Inf"
             return SelfTest("task", passed, len(x), max_abs, agreement, detail)
         passed = finite and check.passed and rowcheck.passed
-        detail = f"max abs {max_abs:.3g} vs {ref_variant} (atol {LOSSLESS_ATOL:g}, rtol {LOSSLESS_RTOL:g})"
+        detail = f"max abs {max_abs:.3g} vs {ref_variant} (atol {tol.atol:g}, rtol {tol.rtol:g})"
         if not finite:
             detail += "; outputs hold NaN or Inf"
         return SelfTest("tensor", passed, len(x), max_abs, agreement, detail)

@@ -11,40 +11,17 @@ first axis must be dynamic; a model with a fixed first axis is written with max_
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_path, write_bytes
 from ..errors import ArtifactError, ConfigError
 from ..runfolder import Run
+from .config import KINDS, TritonConfig
 from .protocol import V2_TO_TRITON
 
 # onnx.TensorProto element types -> KServe v2 datatypes (Triton's TYPE_* follow from them).
 ONNX_ELEM_TO_V2 = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "BYTES",
                    9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64", 16: "BF16"}
-KINDS = {"auto": None, "cpu": "KIND_CPU", "cuda": "KIND_GPU"}
-
-
-@dataclass(frozen=True)
-class TritonConfig:
-    name: str | None = None          # model name in the repository (default: the run's model)
-    max_batch: int = 32
-    max_delay_ms: float = 2.0
-    device: str = "auto"             # instance kind: auto (Triton decides), cpu, cuda
-    instances: int = 1
-    force: bool = False
-
-    def __post_init__(self):
-        if self.max_batch < 0:
-            raise ConfigError(f"--max-batch must be >= 0 (0 turns Triton's batching off), got {self.max_batch}")
-        if self.max_delay_ms < 0:
-            raise ConfigError(f"--max-delay-ms must be >= 0, got {self.max_delay_ms}")
-        if self.device not in KINDS:
-            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.instances < 1:
-            raise ConfigError(f"--instances must be >= 1, got {self.instances}")
-        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
-            raise ConfigError(f"bad model name {self.name!r}: use letters, digits, '-' or '_'")
 
 
 def _tensors(value_infos) -> list[tuple[str, str, list[int]]]:
@@ -101,7 +78,7 @@ def export_triton(run: Run, out_dir: str | Path, variant: str | None = None,
     """Write the repository entry for `variant` (default: the selected one); returns <out_dir>/<name>."""
     import onnx
 
-    variant = variant or run.manifest.get("selected")
+    variant = variant or run.selected
     if not variant:
         raise ConfigError(f"run {run.root} has no selected variant; pass --variant ({', '.join(run.variants())})")
     art = run.artifact(variant)

@@ -16,19 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.onnxgraph import GraphIndex
+
 HEAD_PERM = [0, 2, 1, 3]
-
-
-def _constant(graph, name: str):
-    from onnx import numpy_helper
-
-    for t in graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    for n in graph.node:
-        if n.op_type == "Constant" and n.output and n.output[0] == name and n.attribute:
-            return numpy_helper.to_array(n.attribute[0].t)
-    return None
 
 
 def fold_attention_layout(model) -> int:
@@ -36,15 +26,8 @@ def fold_attention_layout(model) -> int:
     from onnx import helper
 
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in g.output}
-
-    def used_once(t: str) -> bool:
-        return len(consumers.get(t, [])) == 1 and t not in graph_outputs
+    idx = GraphIndex.of(g)
+    producer, consumers, used_once = idx.producer, idx.consumers, idx.used_once
 
     def head_transpose(n) -> bool:
         return n.op_type == "Transpose" and next((list(a.ints) for a in n.attribute if a.name == "perm"), None) == HEAD_PERM
@@ -63,7 +46,7 @@ def fold_attention_layout(model) -> int:
                     and rs.op_type == "Reshape" and used_once(tr.input[0])
                     and shape is not None and shape.op_type == "Concat" and len(shape.input) == 4):
                 break
-            h = _constant(g, shape.input[2])       # (B, T, heads, head_dim): the head count is entry 2
+            h = idx.constant(shape.input[2])       # (B, T, heads, head_dim): the head count is entry 2
             if h is None or heads not in (None, int(np.asarray(h).ravel()[0])):
                 break
             heads = int(np.asarray(h).ravel()[0])

@@ -18,66 +18,50 @@ from __future__ import annotations
 
 import datetime as _dt
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ..core.predictors import load_predictor
+from ..core.timing import time_predictors
 from ..errors import ConfigError
 from ..runfolder import Run
-from ..core.runtime import physical_cores
-from ..core.timing import time_interleaved
+from .configs import BenchConfig
+from .select import example_batches, input_signature
 
 REFERENCE = "torch"
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    batches: tuple[int, ...] = (1, 64)
-    threads: tuple[int, ...] | None = None   # None: 1 and every usable core
-    device: str = "cpu"
-    warmup: int = 5
-    runs: int = 30
-    min_seconds: float = 0.0                 # keep adding rounds until this long (for very fast cells)
-    block: int = 3                           # calls per variant per round; the first re-warms caches, untimed
-    memory: bool = True                      # peak RSS of a fresh process per variant
-    variants: tuple[str, ...] | None = None  # None: every variant of the run (torch is always included)
-
-    def __post_init__(self):
-        for name in ("batches", "threads", "variants"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(value))  # lists from a config file
-        if not self.batches or min(self.batches) < 1:
-            raise ConfigError(f"batch sizes must be >= 1, got {list(self.batches)}")
-        if self.threads is not None and (not self.threads or min(self.threads) < 1):
-            raise ConfigError(f"thread counts must be >= 1, got {list(self.threads)}")
-        if self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"bench device must be cpu or cuda, got {self.device!r}")
-        if self.warmup < 0 or self.runs < 1 or self.block < 1:
-            raise ConfigError(f"need warmup >= 0, runs >= 1 and block >= 1, got warmup={self.warmup}, "
-                              f"runs={self.runs}, block={self.block}")
-
-    def thread_counts(self) -> tuple[int, ...]:
-        return self.threads or tuple(sorted({1, physical_cores()}))
 
 
 TORCH_EMPTY = "@torch_empty_call"
 
 
-def _torch_empty_call() -> Callable[[], object]:
+def _torch_empty_call(threads: int) -> Callable[[], object]:
     """A near-empty torch module called the way a torch variant's predictor calls its model."""
     import torch
 
-    module = torch.nn.Linear(1, 1).eval()
+    from ..core.predictors import torch_predictor
+
+    fn = torch_predictor(torch.nn.Linear(1, 1), device="cpu", threads=threads)
     x = np.zeros((1, 1), np.float32)
+    return lambda: fn(x)
 
-    def call():
-        with torch.inference_mode():
-            return module(torch.from_numpy(x)).numpy()
 
-    return call
+def _torch_device(device: str, say: Callable[[str], None]) -> str:
+    """torch eager runs on the bench device when torch has it; else on the CPU, printed and recorded."""
+    if device != "cuda":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    import logging
+
+    msg = "this torch build has no CUDA: torch eager (the reference) is timed on the CPU; speedup_vs_torch compares across devices"
+    logging.getLogger("onnxpipe").warning(msg)
+    say(msg)
+    return "cpu"
 
 
 def _load_average() -> list[float] | None:
@@ -104,85 +88,80 @@ def _cell(lat, flops, peak, overhead_ms: float, reference_p50: float | None) -> 
     return cell
 
 
-def bench(run: Run, cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> dict:
-    """Measure every variant; write metrics[v]["bench"] and manifest["bench"]; return manifest["bench"]."""
+def bench(run: Run, cfg: BenchConfig, data=None, *, log: Callable[[str], None] | None = None) -> dict:
+    """Measure every variant; write metrics[v]["bench"] and the bench section; return the section."""
     from ..core.flops import count_variant_flops
     from ..core.memprobe import measure_in_fresh_process
     from ..core.peak import EMPTY, limit_probes, machine_info, peak_for, peak_from
-    from ..core.predictors import load_predictor
+
+    from ..core.runtime import resolve_providers
 
     say = log or (lambda msg: None)
+    resolve_providers(cfg.device)  # a missing CUDA provider is an error before anything is measured
+    torch_device = _torch_device(cfg.device, say)
     variants = list(cfg.variants or run.variants())
     unknown = [v for v in variants if not run.has(v)]
     if unknown:
         raise ConfigError(f"run {run.root} has no variant(s) {', '.join(unknown)} (it has: {', '.join(run.variants())})")
     if run.has(REFERENCE) and REFERENCE not in variants:
         variants.insert(0, REFERENCE)
-    spec, model_cfg = run.spec, run.model_config()
-    inputs = {b: [t.numpy() for t in spec.example_inputs(model_cfg, batch=b)] for b in cfg.batches}
+    groups: dict[tuple, list[str]] = {}
+    for v in variants:  # variants with the same inputs are timed in the same rounds
+        groups.setdefault(input_signature(run, v), []).append(v)
+    inputs = {sig: example_batches(run, members[0], cfg.batches) for sig, members in groups.items()}
     flops = {v: count_variant_flops(run, v) for v in variants}
 
-    import torch  # torch variants and the reference share the process-wide intra-op pool
+    import torch  # torch predictors set the process-wide intra-op pool: restore it when done
 
     saved_threads = torch.get_num_threads()
     load_before = _load_average()
     latency: dict[str, dict[str, dict[str, dict]]] = {v: {} for v in variants}
     limits: dict[str, dict] = {}
     providers: dict[str, list[str]] = {}
-    try:
-        for threads in cfg.thread_counts():
-            say(f"machine limits at {threads} thread(s): matmul sizes where the kernels peak (scanned once per process)")
-            scan = peak_for(threads, cfg.device)
-            probes = limit_probes(threads, device=cfg.device, fp32_sizes=(scan.fp32_size,),
-                                  int8_sizes=(scan.int8_size,) if scan.int8_size else ())
-            torch.set_num_threads(threads)
-            fns = {}
-            for v in variants:
-                device = "cpu" if run.artifact(v).format == "torch" else cfg.device  # torch is the CPU build here
-                fns[v] = load_predictor(run, v, device=device, threads=threads, spinning=False)
-                providers[v] = list(getattr(fns[v], "providers", ["torch eager (CPU)"]))
-            limits[str(threads)] = {"scan": scan.to_json(), "by_batch": {}}
-            for batch in cfg.batches:
-                say(f"timing {len(variants)} variants and the machine's limits at batch {batch}, {threads} thread(s)")
-                x = inputs[batch]
-                calls = {v: (lambda f=fns[v]: f(*x)) for v in variants}
-                # The limits are timed in the same rounds, so a fraction of peak is a side-by-side ratio.
-                calls.update({name: p.call for name, p in probes.items()})
-                calls[TORCH_EMPTY] = _torch_empty_call()
-                lats = time_interleaved(calls, batch=batch, warmup=cfg.warmup, runs=cfg.runs,
-                                        min_seconds=cfg.min_seconds, block=cfg.block)
+    for threads in cfg.thread_counts():
+        say(f"machine limits at {threads} thread(s): matmul sizes where the kernels peak (scanned once per process)")
+        scan = peak_for(threads, cfg.device)
+        probes = limit_probes(threads, device=cfg.device, fp32_sizes=(scan.fp32_size,),
+                              int8_sizes=(scan.int8_size,) if scan.int8_size else ())
+        # torch variants honour threads and device through the same predictor interface as ONNX ones
+        fns = {v: load_predictor(run, v, device=torch_device if run.artifact(v).format == "torch" else cfg.device,
+                                 threads=threads, spinning=False) for v in variants}
+        providers.update({v: list(getattr(fn, "providers", [])) for v, fn in fns.items()})
+        limits[str(threads)] = {"scan": scan.to_json(), "by_batch": {}}
+        # The limits are timed in the same rounds, so a fraction of peak is a side-by-side ratio.
+        extra = {name: p.call for name, p in probes.items()}
+        extra[TORCH_EMPTY] = _torch_empty_call(threads)
+        for sig, members in groups.items():
+            say(f"timing {len(members)} variant(s) and the machine's limits at batches "
+                f"{', '.join(map(str, cfg.batches))}, {threads} thread(s)")
+            timed = time_predictors({v: fns[v] for v in members}, inputs[sig], warmup=cfg.warmup, runs=cfg.runs,
+                                    min_seconds=cfg.min_seconds, block=cfg.block, extra=extra)
+            for batch, lats in timed.items():
                 peak = peak_from(lats, probes, threads, cfg.device)
                 torch_overhead = lats[TORCH_EMPTY].p50
                 limits[str(threads)]["by_batch"][str(batch)] = {
                     "fp32_gflops": peak.fp32_gflops, "int8_gops": peak.int8_gops, "overhead_ms": peak.overhead_ms,
                     "torch_overhead_ms": torch_overhead, "fp32_size": peak.fp32_size, "int8_size": peak.int8_size}
-                ref = lats[REFERENCE].p50 if REFERENCE in variants else None
-                for v in variants:
+                ref = lats[REFERENCE].p50 if REFERENCE in members else None
+                for v in members:
                     overhead = torch_overhead if run.artifact(v).format == "torch" else lats[EMPTY].p50
                     latency[v].setdefault(str(threads), {})[str(batch)] = _cell(lats[v], flops[v], peak, overhead, ref)
-            del fns, probes
-    finally:
-        torch.set_num_threads(saved_threads)
+        del fns, probes
+    torch.set_num_threads(saved_threads)
 
     memory: dict[str, dict] = {}
     if cfg.memory:
         with tempfile.TemporaryDirectory(prefix="onnxpipe-bench-") as tmp:
             biggest = max(cfg.batches)
-            for v in variants:
-                say(f"peak memory of a fresh process running {v}")
-                device = "cpu" if run.artifact(v).format == "torch" else cfg.device
-                memory[v] = measure_in_fresh_process(run.root, v, inputs[biggest], threads=max(cfg.thread_counts()),
-                                                     device=device, tmp=Path(tmp))
+            for sig, members in groups.items():
+                for v in members:
+                    say(f"peak memory of a fresh process running {v}")
+                    device = torch_device if run.artifact(v).format == "torch" else cfg.device
+                    memory[v] = measure_in_fresh_process(run.root, v, inputs[sig][biggest],
+                                                         threads=max(cfg.thread_counts()), device=device,
+                                                         tmp=Path(tmp))
 
-    for v in variants:
-        art = run.artifact(v)
-        run.set_metrics(v, save=False, bench={
-            "providers": providers.get(v), "bytes": art.bytes, "accuracy": run.metrics(v).get("accuracy"),
-            "flops": flops[v].to_json() if flops[v] else None,
-            "peak_rss_mb": memory.get(v, {}).get("peak_rss_mb"), "import_rss_mb": memory.get(v, {}).get("import_rss_mb"),
-            "latency": latency[v],
-        })
-    run.manifest["bench"] = {
+    section = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": asdict(cfg) | {"threads": list(cfg.thread_counts()), "batches": list(cfg.batches)},
         "variants": variants, "machine": machine_info(), "limits": limits,
@@ -190,14 +169,24 @@ def bench(run: Run, cfg: BenchConfig, *, log: Callable[[str], None] | None = Non
         "load_average": {"before": load_before, "after": _load_average()},
         "method": "interleaved rounds, warm-up discarded, monotonic clock, ORT spinning off; median per cell",
     }
-    run.save()
-    return run.manifest["bench"]
+    with run.batch():
+        for v in variants:
+            art = run.artifact(v)
+            run.set_metrics(v, bench={
+                "providers": providers.get(v), "bytes": art.bytes, "accuracy": run.metrics(v).get("accuracy"),
+                "flops": flops[v].to_json() if flops[v] else None,
+                "peak_rss_mb": memory.get(v, {}).get("peak_rss_mb"),
+                "import_rss_mb": memory.get(v, {}).get("import_rss_mb"),
+                "latency": latency[v],
+            })
+        run.set_section("bench", section)
+    return section
 
 
 def bench_rows(run: Run) -> list[dict]:
     """One row per (variant, threads, batch) from the manifest's bench metrics (for tables and the report)."""
     rows = []
-    info = run.manifest.get("bench") or {}
+    info = run.section("bench") or {}
     for v in info.get("variants", []):
         b = run.metrics(v).get("bench")
         if not b:
@@ -212,6 +201,6 @@ def bench_rows(run: Run) -> list[dict]:
                     "limit": c.get("limit"), "kind": (b.get("flops") or {}).get("kind"),
                     "flops_per_row": (b.get("flops") or {}).get("total"),
                     "size_kib": b["bytes"] / 1024, "rss_mb": b.get("peak_rss_mb"), "accuracy": b.get("accuracy"),
-                    "selected": run.manifest.get("selected") == v,
+                    "selected": run.selected == v,
                 })
     return rows

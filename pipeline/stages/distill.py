@@ -8,45 +8,19 @@ the teacher. The same architecture is also trained from scratch on hard labels w
 and seed, so the distillation gain is a measured number in the manifest, not an assumption."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import torch
 from torch.nn import functional as F
 
 from ..core.data import Dataset
+from ..core.predictors import load_torch_model, save_weights
 from ..errors import ConfigError
 from ..runfolder import Artifact, Run
+from .configs import DistillConfig
+from .train import evaluate, fit, set_determinism, train_config_for
 
 STUDENT_FILE = "student.pt"
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    student_model: str | None = None     # another registered model of the same input family
-    student_scale: float | None = None   # scale the teacher's width fields (None: the spec's student config)
-    # None: the student model's distill_defaults, else the fallbacks below (tuned on digits over 3 seeds,
-    # benchmarks/distill.py: T=4/alpha=0.7 without mixup lost to the scratch twin for the RNN students).
-    temperature: float | None = None
-    alpha: float | None = None           # weight of the soft-target loss
-    epochs: int | None = None            # None: the student model's tuned default
-    lr: float | None = None
-    mixup: float | None = None           # mixup for both the student and its scratch twin (the teacher labels mixed inputs)
-    seed: int = 0
-    max_accuracy_drop: float = 1.5       # points against the teacher, for `selected`
-    scratch_baseline: bool = True
-    resume: bool = False                 # continue the student's and the twin's checkpoints
-
-    def __post_init__(self):
-        if self.temperature is not None and self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.student_scale is not None and not 0.0 < self.student_scale < 1.0:
-            raise ConfigError(f"student_scale must be in (0, 1), got {self.student_scale}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.max_accuracy_drop < 0:
-            raise ConfigError(f"max_accuracy_drop must be >= 0, got {self.max_accuracy_drop}")
 
 
 FALLBACK = {"temperature": 2.0, "alpha": 0.5, "mixup": 0.4}
@@ -62,8 +36,8 @@ def student_spec_and_config(run: Run, cfg: DistillConfig):
     """The student's ModelSpec and config, adapted to the run's data."""
     from ..models import get_model, replace_config
 
-    teacher_spec, teacher_cfg = run.spec, run.model_config()
-    sample_shape = tuple(run.manifest["dataset"]["sample_shape"])
+    teacher_spec, teacher_cfg = run.spec_of("torch"), run.model_config_of("torch")
+    sample_shape = tuple(run.dataset_info["sample_shape"])
     if cfg.student_model and cfg.student_model != teacher_spec.name:
         spec = get_model(cfg.student_model)
         if spec.family != teacher_spec.family:
@@ -110,9 +84,8 @@ def kd_loss(teacher: torch.nn.Module, temperature: float, alpha: float):
     return loss
 
 
-def distill(run: Run, cfg: DistillConfig, ds: Dataset, *, progress: bool = True) -> Artifact:
-    from .train import evaluate, fit, load_torch_model, save_weights, set_determinism, train_config_for
-
+def distill(run: Run, cfg: DistillConfig, ds: Dataset, *, progress: bool = True) -> list[Artifact]:
+    """Train the student (and its scratch twin) and record variant `student` with its selection gate."""
     spec, student_cfg = student_spec_and_config(run, cfg)
     cfg = resolve(cfg, spec)
     teacher = load_torch_model(run, "torch")
@@ -140,15 +113,15 @@ def distill(run: Run, cfg: DistillConfig, ds: Dataset, *, progress: bool = True)
         record.update(scratch_accuracy=scratch_acc, scratch_epochs_run=twin_hist["epoch"],
                       distillation_gain_pt=100.0 * (distilled_acc - scratch_acc))
     save_weights(run.root / STUDENT_FILE, spec.name, student_cfg, student.state_dict())
-    art = run.add_artifact(
-        "student", STUDENT_FILE, stage="distill", parent="torch", format="torch", lossy=True, config=asdict(cfg),
-        extra={"model": spec.name, "model_config": asdict(student_cfg), "params": record["student_params"],
-               "budget": {"max_accuracy_drop": cfg.max_accuracy_drop, "min_agreement": 0.0, "gate": True}},
-        save=False,
-    )
-    run.manifest["distillation"] = record
-    run.set_metrics("student", accuracy=distilled_acc, params=record["student_params"])
-    return art
+    with run.batch():
+        art = run.add_artifact(
+            "student", STUDENT_FILE, stage="distill", parent="torch", format="torch", lossy=True, config=asdict(cfg),
+            extra={"params": record["student_params"], "budget": cfg.budget.to_json()},
+            model={"name": spec.name, "config": asdict(student_cfg)},
+        )
+        run.set_section("distillation", record)
+        run.set_metrics("student", accuracy=distilled_acc, params=record["student_params"])
+    return [art]
 
 
 def student_speedup(run: Run) -> dict:

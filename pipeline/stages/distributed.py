@@ -21,11 +21,12 @@ import socket
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ..core.timing import usable_cores
 from ..errors import ConfigError, DeviceError, OnnxpipeError, RunFolderError
 
 
@@ -94,28 +95,24 @@ def single_world(device: str = "cpu") -> World:
 
 def load_checkpoint(world: World, path: Path | None) -> dict:
     """Rank 0 reads the training checkpoint and hands it to every rank; an error on every rank if it is missing."""
-    ck = None
+    from ..core.predictors import load_checkpoint_file
+
+    ck, error = None, None
     if world.is_writer and path is not None and path.is_file():
-        ck = torch.load(path, weights_only=True, map_location="cpu")
-    ck = world.broadcast(ck)
+        try:
+            ck = load_checkpoint_file(path, "training checkpoint")
+        except OnnxpipeError as e:
+            error = str(e)
+    ck, error = world.broadcast((ck, error))
+    if error:
+        raise RunFolderError(error)
     if ck is None:
         raise RunFolderError(f"nothing to resume: no checkpoint at {path}")
     return ck
 
 
 # --- starting the processes ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Job:
-    """What every rank needs to train one run folder (picklable: it crosses process boundaries)."""
-
-    root: str
-    train_config: Any               # a TrainConfig
-    resume: bool
-    device: str                     # "cpu" or "cuda"
-    progress: bool
-    dataset: Any = None             # the loaded Dataset, handed to local ranks (saves each a reload); None: reload
-
+# `target(world, payload)` is what every rank runs (a module-level function: it crosses process boundaries).
 
 def backend_for(device: str) -> str:
     return "nccl" if device == "cuda" else "gloo"
@@ -139,8 +136,7 @@ def launched_by_torchrun() -> bool:
 
 
 def threads_per_process(nproc: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // nproc)
+    return max(1, usable_cores() // nproc)
 
 
 def free_port() -> int:
@@ -164,22 +160,6 @@ def init_world(rank: int, size: int, local_rank: int, device: str, init_method: 
     return World(rank=rank, size=size, local_rank=local_rank, device=dev)
 
 
-def train_rank(world: World, job: Job, manifest: dict | None = None):
-    """One rank's share of `train`: every rank trains, rank 0 records the artifact."""
-    from ..core.data import reload_dataset
-    from ..runfolder import Run
-    from .train import train
-
-    if manifest is None:  # rank 0 reads the run folder, the others get its manifest
-        manifest = world.broadcast(Run.open(job.root).manifest if world.is_writer else None)
-    run = Run(Path(job.root), manifest)
-    cfg = job.train_config
-    if cfg.threads is None:
-        torch.set_num_threads(threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", world.size))))
-    ds = job.dataset if job.dataset is not None else reload_dataset(run.manifest["dataset"])
-    return train(run, cfg, ds, resume=job.resume, progress=job.progress and world.is_writer, world=world)
-
-
 def leave(world: World) -> None:
     """Wait until every rank is done (rank 0 has written the run), then take the process group down.
 
@@ -191,34 +171,31 @@ def leave(world: World) -> None:
     dist.destroy_process_group()
 
 
-def _spawned(rank: int, size: int, init_method: str, job: Job, errors) -> None:
+def _spawned(rank: int, size: int, init_method: str, device: str, target: Callable, payload: Any, errors) -> None:
     """Entry point of a process started by `spawn` (must be importable at module level)."""
     try:
-        world = init_world(rank, size, rank, job.device, init_method)
-        train_rank(world, job)
+        world = init_world(rank, size, rank, device, init_method)
+        target(world, payload)
         leave(world)
     except OnnxpipeError as e:  # a user error: report it once, cleanly, through the parent
         errors.put((type(e).__name__, str(e)))
         raise SystemExit(1) from None
 
 
-def spawn_training(job: Job, nproc: int) -> None:
-    """Train on this machine with `nproc` processes, rendezvous on a free localhost port."""
+def spawn(target: Callable[[World, Any], None], payload: Any, nproc: int, device: str) -> None:
+    """Run `target(world, payload)` in `nproc` processes on this machine, rendezvous on a free localhost port."""
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
     from .. import errors as error_types
-    from .train import CHECKPOINT
 
-    check_device(job.device, nproc)
-    if job.resume and not (Path(job.root) / CHECKPOINT).is_file():  # say so before starting any process
-        raise RunFolderError(f"nothing to resume: no checkpoint at {Path(job.root) / CHECKPOINT}")
+    check_device(device, nproc)
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     init_method = f"tcp://127.0.0.1:{free_port()}"
     try:
-        mp.start_processes(_spawned, args=(nproc, init_method, job, errors), nprocs=nproc, join=True,
-                           start_method="spawn")
+        mp.start_processes(_spawned, args=(nproc, init_method, device, target, payload, errors), nprocs=nproc,
+                           join=True, start_method="spawn")
     except ProcessException:
         if errors.empty():
             raise
@@ -227,33 +204,30 @@ def spawn_training(job: Job, nproc: int) -> None:
         raise getattr(error_types, name, OnnxpipeError)(message) from None
 
 
-def torchrun_training(prepare, config_for, *, device: str, resume: bool, progress: bool):
-    """Train under torchrun (rendezvous from its environment: RANK, WORLD_SIZE, MASTER_ADDR, ...).
+def under_torchrun(prepare: Callable[[], Any], target: Callable[[World, Any], Any], device: str) -> Any:
+    """Run under torchrun (rendezvous from its environment: RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
-    Rank 0 calls `prepare()` -> Run (create or reopen the run folder) and `config_for(run)` -> TrainConfig,
-    and broadcasts both; a user error there is raised on every rank, so no rank waits forever.
-    Returns the Run on rank 0 and None on the others."""
+    Rank 0 calls `prepare()` and broadcasts its result (the payload) to every rank; a user error there is
+    raised on every rank, so no rank waits forever. Every rank then runs `target(world, payload)`.
+    Returns the payload on rank 0 and None on the others."""
     import torch.distributed as dist
 
     from .. import errors as error_types
-    from ..runfolder import Run
 
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     check_device(device, 1)
     world = init_world(rank, size, local_rank, device, "env://")
-    payload: tuple = ()
+    message: tuple = ()
     if world.is_writer:
         try:
-            run = prepare()
-            payload = ("ok", str(run.root), run.manifest, config_for(run))
+            message = ("ok", prepare())
         except OnnxpipeError as e:
-            payload = ("error", type(e).__name__, str(e))
-    payload = world.broadcast(payload)
-    if payload[0] == "error":
+            message = ("error", type(e).__name__, str(e))
+    message = world.broadcast(message)
+    if message[0] == "error":
         dist.destroy_process_group()  # every rank got here: a clean exit for all
-        raise getattr(error_types, payload[1], OnnxpipeError)(payload[2])
-    _, root, manifest, cfg = payload
-    train_rank(world, Job(root, cfg, resume, device, progress), manifest)
+        raise getattr(error_types, message[1], OnnxpipeError)(message[2])
+    target(world, message[1])
     leave(world)
-    return Run.open(root) if world.is_writer else None
+    return message[1] if world.is_writer else None

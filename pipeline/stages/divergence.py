@@ -1,11 +1,12 @@
 """Per-node divergence of every lossy ONNX variant from its ONNX parent, for the report's chart.
 
-The measurement is pipeline.budget.node_errors (the quantizer's own sensitivity ranking: relative error
-of each compute node's output, and the error it adds over its input), run on a few training samples,
-never test data. It is stored as metrics[v]["node_divergence"] and computed only where missing."""
+The measurement is node_errors of pipeline/stages/sensitivity.py (the quantizer's own sensitivity
+ranking: relative error of each compute node's output, and the error it adds over its input), run on a
+few training samples, never test data. It is stored as metrics[v]["node_divergence"] and computed only where missing."""
 from __future__ import annotations
 
 from ..core.data import Dataset
+from ..core.onnxgraph import QUANTIZED_OPS, op_types
 from ..runfolder import Run
 
 SAMPLES = 64
@@ -13,24 +14,15 @@ BATCH = 32
 KEEP = 50          # the worst nodes are what a reader needs; the manifest stays small
 
 
-# Operators that only a quantized graph holds (QDQ pairs, ORT's integer kernels).
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-                 "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-                 "DynamicQuantizeLSTM", "QGemm", "QAttention"}
-
-
 def quantized_children(run: Run) -> list[str]:
     """Quantized ONNX variants whose parent is a float ONNX variant (so both graphs run side by side)."""
-    import onnx
-
     out = []
     for v in run.variants():
         art = run.artifact(v)
         if not (art.lossy and art.format == "onnx" and art.parent and run.has(art.parent)
                 and run.artifact(art.parent).format == "onnx"):
             continue
-        ops = {n.op_type for n in onnx.load(str(run.path(v)), load_external_data=False).graph.node}
-        if ops & QUANTIZED_OPS:
+        if op_types(run.path(v)) & QUANTIZED_OPS:
             out.append(v)
     return out
 
@@ -39,7 +31,7 @@ def record_node_divergence(run: Run, ds: Dataset, *, samples: int = SAMPLES, for
     """Fill metrics[v]["node_divergence"] for the lossy ONNX variants that lack it; return those measured."""
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph
 
-    from .budget import node_errors
+    from .sensitivity import node_errors
 
     x = ds.x_train[:samples]
     batches = [(x[i:i + BATCH],) for i in range(0, len(x), BATCH)]
@@ -51,11 +43,9 @@ def record_node_divergence(run: Run, ds: Dataset, *, samples: int = SAMPLES, for
         try:
             rows = node_errors(run.path(run.artifact(v).parent), run.path(v), batches)
         except (Fail, InvalidArgument, InvalidGraph) as e:  # a graph ORT cannot run with its tensors exposed
-            run.set_metrics(v, save=False, node_divergence_error=str(e).splitlines()[0][:300])
+            run.set_metrics(v, node_divergence_error=str(e).splitlines()[0][:300])
             continue
-        run.set_metrics(v, save=False, node_divergence=rows[:KEEP],
+        run.set_metrics(v, node_divergence=rows[:KEEP],
                         node_divergence_source=f"onnxpipe report: {len(x)} training samples vs parent")
         measured.append(v)
-    if measured:
-        run.save()
     return measured

@@ -8,35 +8,24 @@
 
 Attributions are for the class torch predicts. Samples: torch's misclassified test samples first, then
 correct ones; and for every other variant, the test samples where it disagrees with torch, so the
-report can show them beside that variant. PNG grids go to explain/ and the list to manifest["explain"]."""
+report can show them beside that variant. PNG grids go to explain/ and the list to the manifest's
+`explain` section."""
 from __future__ import annotations
 
 import datetime as _dt
 import io
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..atomic import write_bytes
-from ..core.data import Dataset
+from ..core.data import Dataset, reload_dataset
+from ..core.predictors import load_predictor, load_torch_model, predict_batched
 from ..errors import ConfigError
 from ..runfolder import Run
+from .configs import ExplainConfig
 
 FOLDER = "explain"
-
-
-@dataclass(frozen=True)
-class ExplainConfig:
-    samples: int = 8        # per grid
-    steps: int = 32         # integrated-gradients steps (midpoint rule)
-    seed: int = 0
-
-    def __post_init__(self):
-        if not 1 <= self.samples <= 64:
-            raise ConfigError(f"samples must be between 1 and 64, got {self.samples}")
-        if self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
 
 
 # --- attributions ---------------------------------------------------------------------------------
@@ -188,21 +177,17 @@ def _grid(x: np.ndarray, attr: np.ndarray, titles: list[str], family: str, maps:
 # --- the stage ------------------------------------------------------------------------------------
 
 def explain(run: Run, cfg: ExplainConfig, ds: Dataset | None = None) -> dict:
-    """Attributions (and attention maps) for chosen test samples; PNG grids + manifest["explain"]."""
+    """Attributions (and attention maps) for chosen test samples; PNG grids + the `explain` section."""
     import torch
 
-    from ..core.data import reload_dataset
-    from .train import load_torch_model
-    from ..core.predictors import load_predictor, predict_batched
-
-    ds = ds or reload_dataset(run.manifest["dataset"])
+    ds = ds or reload_dataset(run.dataset_info)
     model = load_torch_model(run, "torch")
     torch_fn = load_predictor(run, "torch")
     torch_pred = predict_batched(torch_fn, ds.x_test).argmax(1)
     others = {v: predict_batched(load_predictor(run, v, device="cpu"), ds.x_test).argmax(1)
               for v in run.variants() if v != "torch"}
     maps_available = bool(attention_blocks(model))
-    family = run.spec.family
+    family = run.spec_of("torch").family
     method = ("integrated gradients per pixel" if family == "image" else "integrated gradients per time step")
     if maps_available:
         method += " + attention maps (mean over heads)"
@@ -234,10 +219,10 @@ def explain(run: Run, cfg: ExplainConfig, ds: Dataset | None = None) -> dict:
                            "labels": [int(ds.y_test[i]) for i in indices],
                            "torch_pred": [int(torch_pred[i]) for i in indices],
                            "variant_pred": [int(others[variant][i]) for i in indices] if variant else None})
-    run.manifest["explain"] = {
+    section = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "method": method, "samples": cfg.samples, "steps": cfg.steps,
         "misclassified_by_torch": int((torch_pred != ds.y_test).sum()), "groups": out_groups,
     }
-    run.save()
-    return run.manifest["explain"]
+    run.set_section("explain", section)
+    return section

@@ -7,35 +7,23 @@ import contextlib
 import io
 import logging
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import atomic_path, sha256_file
-from ..errors import ConfigError, ExportError, ParityError
+from ..core.data import Dataset
 from ..core.parity import shape_grid, tensor_parity
+from ..core.policy import POLICY
+from ..core.predictors import load_predictor, load_torch_variant
+from ..core.runtime import make_session
+from ..errors import ExportError, ParityError
 from ..runfolder import Artifact, Run
+from .configs import ExportConfig
 
 ONNX_FILE = "model.onnx"
 REFERENCE_FILE = "reference.npz"
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    opset: int | None = None            # None: the model spec's opset
-    atol: float = 1e-4
-    rtol: float = 1e-3
-    batches: tuple[int, ...] = (1, 7, 64)
-    seq_lens: tuple[int, ...] | None = None   # None: 1, the trained length, twice it
-
-    def __post_init__(self):
-        if self.opset is not None and not 13 <= self.opset <= 23:
-            raise ConfigError(f"opset must be between 13 and 23, got {self.opset}")
-        if self.atol < 0 or self.rtol < 0:
-            raise ConfigError("atol and rtol must be >= 0")
-        if not self.batches or min(self.batches) < 1:
-            raise ConfigError(f"batches must be positive, got {self.batches}")
 
 
 @contextlib.contextmanager
@@ -132,13 +120,11 @@ def check_dynamic_dims(model, spec) -> None:
                           + " (exporter trap: the graph would only accept the example shape)")
 
 
-def export(run: Run, cfg: ExportConfig, *, source: str = "torch", target: str = "onnx",
-           test_inputs: np.ndarray | None = None) -> Artifact:
-    """Export torch variant `source` to ONNX variant `target` and gate it on grid parity."""
-    from ..core.runtime import make_session
-    from .train import load_torch_variant
-    from ..core.predictors import load_predictor
+def export(run: Run, cfg: ExportConfig, data: Dataset | None = None, *, source: str = "torch",
+           target: str = "onnx") -> list[Artifact]:
+    """Export torch variant `source` to ONNX variant `target` and gate it on grid parity.
 
+    With `data`, the root's export also writes reference.npz (test rows, labels, torch outputs)."""
     module, spec, model_cfg = load_torch_variant(run, source)
     opset = cfg.opset or spec.opset
     filename = ONNX_FILE if target == "onnx" else f"{target}.onnx"
@@ -152,21 +138,26 @@ def export(run: Run, cfg: ExportConfig, *, source: str = "torch", target: str = 
     if not report:
         path.unlink()
         raise ParityError(report)
-    art = run.add_artifact(target, filename, stage="export", parent=source, config=asdict(cfg), opset=written,
-                           extra={"requested_opset": opset}, save=False)
-    run.record_parity(report.to_json(), save=False)
-    if test_inputs is not None and source == "torch":
-        write_reference(run, torch_fn, test_inputs[:8])
-    if not run.manifest.get("selected"):
-        run.manifest["selected"] = target  # the only deployable variant until compression chooses
-    run.save()
-    return art
+    with run.batch():
+        art = run.add_artifact(target, filename, stage="export", parent=source, config=asdict(cfg), opset=written,
+                               extra={"requested_opset": opset})
+        run.record_parity(report.to_json())
+        if data is not None and run.root_variant(source) == source:
+            write_reference(run, torch_fn, data.x_test, data.y_test, variant=source)
+        run.set_selected(target, only_if_unset=True)  # the only deployable variant until compression chooses
+    return [art]
 
 
-def write_reference(run: Run, torch_fn, inputs: np.ndarray, variant: str = "torch") -> None:
-    """A few real inputs and the root variant's outputs for them: the serving self-test replays these."""
+def write_reference(run: Run, fn, inputs: np.ndarray, labels: np.ndarray | None, variant: str = "torch") -> None:
+    """Test rows, their labels and the root variant's outputs: the serving self-test replays these.
+
+    POLICY.reference_rows rows (128): enough that one disagreement moves agreement by under a point."""
+    n = min(POLICY.reference_rows, len(inputs))
+    arrays = {"inputs": inputs[:n], "outputs": fn(inputs[:n])}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels[:n], np.int64)
     path = run.root / REFERENCE_FILE
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, inputs=inputs, outputs=torch_fn(inputs))
-    run.manifest["reference"] = {"path": REFERENCE_FILE, "sha256": sha256_file(path), "variant": variant}
+            np.savez(f, **arrays)
+    run.set_section("reference", {"path": REFERENCE_FILE, "sha256": sha256_file(path), "variant": variant, "rows": n})

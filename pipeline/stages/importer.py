@@ -12,7 +12,6 @@ one sha256 in the manifest covers them; bigger models keep one data file, whose 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -20,36 +19,21 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 
 from ..atomic import atomic_path, sha256_file
+from ..core.data import load_dataset
+from ..core.parity import shape_grid
+from ..core.policy import POLICY
+from ..core.predictors import predict_batched
+from ..core.runtime import make_session
+from ..core.sources import imported_spec
 from ..errors import ArtifactError, ConfigError, DataError
 from ..runfolder import Run
+from .export import write_reference
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 INLINE_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB cap, with room for the graph itself
 DTYPES = {1: "float32", 7: "int64", 10: "float16"}
 BATCH_CHECK_ROWS = 7
-# Pipeline stages that need the PyTorch model, which an imported run does not have.
-TORCH_STAGES = ("train", "export", "distill", "explain")
-
-
-def stages_for_import(requested: str) -> list[str]:
-    """`--stages` of `onnxpipe import`: 'all' (every stage that applies) or a comma-separated list."""
-    from ..orchestrate import STAGES
-
-    names = [n for n, _ in STAGES]
-    if requested.strip() == "all":
-        return [n for n in names if n not in TORCH_STAGES]
-    wanted = [s.strip() for s in requested.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in names]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(names)}")
-    torch_only = [s for s in wanted if s in TORCH_STAGES]
-    if torch_only:
-        raise ConfigError(f"stage(s) {', '.join(torch_only)} need the PyTorch model, which an imported ONNX run "
-                          f"does not have; stages that apply: {', '.join(n for n in names if n not in TORCH_STAGES)}")
-    return wanted
-
-
 # --- external data ----------------------------------------------------------------------------------------
 
 def _all_tensors(graph):
@@ -149,26 +133,6 @@ def describe_graph(model, sample_shape: tuple[int, ...] | None) -> dict:
             "family": family, "layout": layout}
 
 
-def imported_spec(name: str, source: dict):
-    """A ModelSpec for an imported graph: no PyTorch builder, inputs and outputs from the record."""
-    from ..models import InputSpec, ModelSpec
-
-    inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), {int(a): n for a, n in i["dynamic"].items()}, i["dtype"])
-                   for i in source["inputs"])
-    lead = inputs[0].shape
-    settings = {"num_classes": source.get("num_classes"), "vocab_size": 2, "seq_len": lead[0] if lead else 1,
-                "image_size": (lead[1] if source.get("layout") == "nchw" else lead[0]) if len(lead) == 3 else None}
-    config_cls = dataclasses.make_dataclass("ImportedConfig", [], frozen=True, namespace=settings)
-
-    def build(cfg):
-        raise ConfigError(f"{name} was imported as ONNX: it has no PyTorch definition (stages that need one, "
-                          "such as train or distill, do not apply)")
-
-    return ModelSpec(name=name, family=source["family"], config_cls=config_cls, build=build, inputs=inputs,
-                     output_names=tuple(source["outputs"]), opset=source.get("opset", 18),
-                     description=f"imported ONNX model {source.get('file', '')}", source=source)
-
-
 # --- the import -------------------------------------------------------------------------------------------
 
 def _load_graph(src: Path):
@@ -211,7 +175,8 @@ def _check_batch_independence(session, spec, cfg) -> float:
         raise ArtifactError(f"with a batch of {len(x)} the first output has shape {list(full.shape)}; "
                             "its axis 0 must follow the batch")
     err = float(np.max(np.abs(full - single))) if full.size else 0.0
-    if not err <= 1e-4 + 1e-3 * float(np.max(np.abs(single), initial=0.0)):
+    tol = POLICY.tensor
+    if not err <= tol.atol + tol.rtol * float(np.max(np.abs(single), initial=0.0)):
         raise ArtifactError(f"a row's output changes with the batch it is in (max abs {err:.3g}): the graph mixes "
                             "rows (e.g. batch norm in training mode) or bakes in a batch size")
     return err
@@ -224,12 +189,6 @@ def import_onnx(model_file: str | Path, root: str | Path, *, data: str | None = 
     With `data`, the test accuracy and reference.npz (serving self-test) are recorded. The folder is
     built beside `root` and renamed into place, so a failed import leaves nothing behind."""
     import onnx
-
-    from ..core.data import load_dataset
-    from .export import write_reference
-    from ..core.parity import shape_grid
-    from ..core.runtime import make_session
-    from ..core.predictors import predict_batched
 
     src = Path(model_file).expanduser()
     model = _load_graph(src)
@@ -254,14 +213,14 @@ def import_onnx(model_file: str | Path, root: str | Path, *, data: str | None = 
     if staging.exists():
         shutil.rmtree(staging)  # our own leftover from an interrupted import
     try:
-        run = Run.create(staging, name or src.stem, {}, None)
-        written = _write_model(model, staging)
         source = describe_graph(model, None)
         source.update(file=str(src.resolve()), sha256=sha256_file(src), opset=opset,
                       external_data_files=[str(f) for f in ext_files])
-        run.manifest["model_source"] = source
+        run = Run.create(staging, name or src.stem, {}, None)
+        run_name = run.model_name
+        written = _write_model(model, staging)
         session = make_session(staging / ONNX_FILE, device="cpu")
-        spec = imported_spec(run.model_name, source)
+        spec = imported_spec(run_name, source)
         first = session(*spec.example_inputs(spec.config_cls(), batch=2))
         source["num_classes"] = int(first.shape[1]) if first.ndim == 2 else None
 
@@ -281,23 +240,25 @@ def import_onnx(model_file: str | Path, root: str | Path, *, data: str | None = 
             if len(ds.sample_shape) != len(lead) or any(ds.sample_shape[a] != lead[a] for a in fixed):
                 raise DataError(f"{src.name} takes samples shaped {tuple(lead)}, the data gives {ds.sample_shape}")
             source.update(describe_graph(model, ds.sample_shape))  # dynamic sizes from the data
-            run.manifest["dataset"] = ds.info
-            spec = imported_spec(run.model_name, source)
+            spec = imported_spec(run_name, source)
 
         batch_err = _check_batch_independence(session, spec, spec.config_cls())
         for inputs in shape_grid(spec, spec.config_cls()):  # every shape the parity checks will use runs
             session(*inputs)
-        run.add_artifact("onnx", ONNX_FILE, stage="import", parent=None, format="onnx", opset=opset,
-                         config={"source": str(src.resolve()), "data": data},
-                         extra={"source_sha256": sha256_file(src), "producer": f"{model.producer_name} "
-                                f"{model.producer_version}".strip(), "batch_independence_max_abs": batch_err,
-                                **written}, save=False)
-        if ds is not None:
-            logits = predict_batched(session, ds.x_test)
-            run.set_metrics("onnx", accuracy=float((logits.argmax(1) == ds.y_test).mean()), save=False)
-            write_reference(run, session, ds.x_test[:8], variant="onnx")
-        run.manifest["selected"] = "onnx"
-        run.save()
+        with run.batch():
+            run.set_section("model_source", source)
+            if ds is not None:
+                run.set_section("dataset", ds.info)
+            run.add_artifact("onnx", ONNX_FILE, stage="import", parent=None, format="onnx", opset=opset,
+                             config={"source": str(src.resolve()), "data": data},
+                             extra={"source_sha256": sha256_file(src), "producer": f"{model.producer_name} "
+                                    f"{model.producer_version}".strip(), "batch_independence_max_abs": batch_err,
+                                    **written})
+            if ds is not None:
+                logits = predict_batched(session, ds.x_test)
+                run.set_metrics("onnx", accuracy=float((logits.argmax(1) == ds.y_test).mean()))
+                write_reference(run, session, ds.x_test, ds.y_test, variant="onnx")
+            run.set_selected("onnx")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -9,78 +9,29 @@ tolerances over the shape grid."""
 from __future__ import annotations
 
 import tempfile
-from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from ..atomic import atomic_path
-from .attention import fold_file
-from ..errors import ArtifactError, ConfigError, ParityError
+from ..core.onnxgraph import ATTENTION_OPS, FUSED_OPS, bare, op_counts
 from ..core.parity import shape_grid, tensor_parity
+from ..core.runtime import make_session
+from ..errors import ArtifactError, ParityError
 from ..runfolder import Artifact, Run
-
-SAVE_LEVELS = ("basic", "extended")          # portable: no hardware-specific layouts in the file
-HARDWARE_LEVELS = ("layout", "all")
-LOAD_LEVELS = ("disable", "basic", "extended", "layout", "all")
-
-# Ops that only exist after ORT's fusions (com.microsoft contrib ops and fused forms).
-FUSED_OPS = {
-    "FusedConv", "FusedGemm", "FusedMatMul", "BiasGelu", "FastGelu", "Gelu", "SkipLayerNormalization",
-    "SkipSimplifiedLayerNormalization", "BiasSoftmax", "QuickGelu", "EmbedLayerNormalization",
-    "MultiHeadAttention", "GroupQueryAttention", "Attention", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-    "QLinearConv", "QLinearMatMul", "NhwcConv", "BiasAdd",
-}
-ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
-
-
-@dataclass(frozen=True)
-class OptimizeConfig:
-    level: str = "extended"          # the level the saved file is optimized at
-    load_level: str = "all"          # the level sessions apply when they load the file
-    fold_attention: bool = True      # fold head split/merge layout ops into the Attention op (pipeline.attention)
-    atol: float = 1e-4
-    rtol: float = 1e-3
-    batches: tuple[int, ...] = (1, 7, 64)
-    seq_lens: tuple[int, ...] | None = None
-
-    def __post_init__(self):
-        if self.level in HARDWARE_LEVELS:
-            raise ConfigError(
-                f"--level {self.level} would save layouts chosen for this CPU only (NCHWc blocking), "
-                "so the file would not be portable; save at 'extended' (sessions still apply 'all' at load)"
-            )
-        if self.level not in SAVE_LEVELS:
-            raise ConfigError(f"unknown optimization level {self.level!r}; save at one of: {', '.join(SAVE_LEVELS)}")
-        if self.load_level not in LOAD_LEVELS:
-            raise ConfigError(f"unknown load level {self.load_level!r}; use one of: {', '.join(LOAD_LEVELS)}")
-        if self.atol < 0 or self.rtol < 0:
-            raise ConfigError("atol and rtol must be >= 0")
-        if not self.batches or min(self.batches) < 1:
-            raise ConfigError(f"batches must be positive, got {self.batches}")
-
-
-def op_counts(path: Path) -> dict[str, int]:
-    """{op_type: count} over the main graph (domain-prefixed for non-standard domains)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    names = [n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node]
-    return dict(sorted(Counter(names).items()))
-
-
-def _bare(op: str) -> str:
-    return op.rsplit(".", 1)[-1]
+from .attention import fold_file
+from .configs import OptimizeConfig
+from .export import onnx_opset
 
 
 def fusion_summary(before: dict[str, int], after: dict[str, int]) -> dict:
     """What the optimizer changed: fused ops present afterwards, attention nodes, node totals."""
-    fused = {op: n for op, n in after.items() if _bare(op) in FUSED_OPS and n > before.get(op, 0)}
+    fused = {op: n for op, n in after.items() if bare(op) in FUSED_OPS and n > before.get(op, 0)}
     return {
         "nodes_before": sum(before.values()),
         "nodes_after": sum(after.values()),
         "fused_nodes": fused,
         "fused_total": sum(fused.values()),
-        "attention_nodes": sum(n for op, n in after.items() if _bare(op) in ATTENTION_OPS),
+        "attention_nodes": sum(n for op, n in after.items() if bare(op) in ATTENTION_OPS),
     }
 
 
@@ -88,18 +39,16 @@ def optimized_name(source: str) -> str:
     return "onnx_opt" if source == "onnx" else f"{source}_opt"
 
 
-def optimize(run: Run, cfg: OptimizeConfig, *, source: str = "onnx", variant: str | None = None) -> Artifact:
+def optimize(run: Run, cfg: OptimizeConfig, data=None, *, source: str = "onnx",
+             variant: str | None = None) -> list[Artifact]:
     """Optimize variant `source` offline at cfg.level into `variant` (default onnx_opt); gate on grid parity."""
-    from .export import onnx_opset
-    from ..core.runtime import make_session
-
     variant = variant or optimized_name(source)
     art = run.artifact(source)
     if art.format != "onnx":
         raise ArtifactError(f"optimize works on ONNX variants; {source!r} is a {art.format} artifact")
     src = run.path(source)
     out = run.root / f"{variant}.onnx"
-    spec, model_cfg = run.spec, run.model_config()
+    spec, model_cfg = run.spec_of(source), run.model_config_of(source)
     with tempfile.TemporaryDirectory(prefix="onnxpipe-opt-") as work, atomic_path(out) as tmp:
         start, folds = src, 0
         if cfg.fold_attention:
@@ -124,8 +73,8 @@ def optimize(run: Run, cfg: OptimizeConfig, *, source: str = "onnx", variant: st
                             "attention runs as separate MatMul/Softmax nodes")
     extra = {"saved_level": cfg.level, "load_level": cfg.load_level, "attention_layout_folds": folds, **summary,
              "ops_before": before, "ops_after": after}
-    result = run.add_artifact(variant, out.name, stage="optimize", parent=source, config=asdict(cfg),
-                              opset=opset, extra=extra, save=False)
-    run.record_parity(report.to_json(), save=False)
-    run.save()
-    return result
+    with run.batch():
+        result = run.add_artifact(variant, out.name, stage="optimize", parent=source, config=asdict(cfg),
+                                  opset=opset, extra=extra)
+        run.record_parity(report.to_json())
+    return [result]

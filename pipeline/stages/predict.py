@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.data import normalize
 from ..errors import DataError
 from ..runfolder import Run
 
@@ -36,7 +37,7 @@ class Prediction:
 
 
 def _dataset(run: Run) -> dict:
-    ds = run.manifest.get("dataset")
+    ds = run.dataset_info
     if not ds:
         raise DataError(f"run {run.root} records no data (imported without --data), so onnxpipe does not know how "
                         "to normalize images or raw arrays; pass arrays that are already model inputs")
@@ -54,7 +55,7 @@ def _model_grid(run: Run) -> tuple[int, int]:
         return (shape[0], shape[1]) if channels_last else (shape[1], shape[2])
     if len(shape) != 2:
         raise DataError(f"this run takes samples shaped {shape}; images fit image models or (T, F) sequence models")
-    if run.manifest.get("model_config", {}).get("vocab_size"):
+    if getattr(run.model_config(), "vocab_size", 0):
         raise DataError("this model reads token ids, not pixels; pass a .npy of int64 token ids")
     return shape[0], shape[1]
 
@@ -112,7 +113,7 @@ def load_inputs(run: Run, path: Path, input_shape: list, input_type: str, *, raw
     if suffix in IMAGE_SUFFIXES:
         ds = _dataset(run)
         x = load_image(path, _model_grid(run), native=NATIVE_SIZE.get(ds.get("source", "")), invert=invert)
-        x = (x - ds["normalization"]["mean"]) / ds["normalization"]["std"]
+        x = normalize(x, ds["normalization"], unit=True)
         if ds.get("family") == "image":
             x = x[..., None] if ds.get("layout") == "nhwc" else x[None]   # the channel axis
         return x[None].astype(np.float32)
@@ -134,8 +135,7 @@ def load_inputs(run: Run, path: Path, input_shape: list, input_type: str, *, raw
         return x.astype(np.int64)
     x = x.astype(np.float32)
     if raw:
-        norm = _dataset(run)["normalization"]
-        x = (x * norm["scale"] - norm["mean"]) / norm["std"]
+        x = normalize(x, _dataset(run)["normalization"])
     if not np.isfinite(x).all():
         raise DataError(f"{path}: the array holds NaN or Inf values")
     return x
@@ -151,7 +151,7 @@ def predict_files(run: Run, paths: list[Path], *, variant: str | None = None, de
                   raw: bool = False, invert: str = "auto", top: int = 1) -> list[Prediction]:
     from ..core.predictors import load_predictor
 
-    variant = variant or run.manifest.get("selected") or "onnx"
+    variant = variant or run.selected or "onnx"
     predictor = load_predictor(run, variant, device=device)  # sha256-checked
     inner = getattr(predictor, "inner", None)
     if inner is not None:

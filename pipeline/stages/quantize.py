@@ -8,10 +8,12 @@ an accuracy budget against its parent.
     fp16          weights and compute in float16 with float32 inputs/outputs kept (keep_io_types): a GPU
                   deployment format; on the CPU provider ORT casts back, so it is checked here for parity.
 
-`quant_pre_process` (shape inference + basic optimization) runs first where it works: the LSTM needs it
-to become DynamicQuantizeLSTM. It fails on some Transformer graphs ("Incomplete symbolic shape
-inference"); then it is retried without symbolic shape inference, then skipped, and the manifest says
-which. A build over budget is rebuilt with its most sensitive nodes in FP32 (pipeline.budget)."""
+`quant_pre_process` (shape inference + basic optimization) runs first: the LSTM needs it to become
+DynamicQuantizeLSTM. It fails on some Transformer graphs ("Incomplete symbolic shape inference"); then it
+is retried without symbolic shape inference (the documented fallback). If both fail, the failure is
+printed and recorded, and the mode is built from the graph as exported. A build over budget is rebuilt
+with its most sensitive nodes in FP32 (pipeline/stages/sensitivity.py). Each kept variant is recorded
+the moment it is complete."""
 from __future__ import annotations
 
 import contextlib
@@ -20,23 +22,27 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import atomic_path
-from .attention import fold_file
-from .budget import COMPUTE_OPS, Budget, fit_budget, node_errors, verdict_line
 from ..core.data import Dataset
-from ..errors import ArtifactError, ConfigError, DataError
-from ..runfolder import Artifact, Run
+from ..core.onnxgraph import COMPUTE_OPS, INTEGER_KERNELS
+from ..core.parity import judge
 from ..core.predictors import predict_batched
+from ..core.runtime import make_session, ort_log_severity
+from ..errors import ArtifactError, DataError
+from ..runfolder import Artifact, Run
+from .attention import fold_file
+from .configs import QuantizeConfig
+from .export import onnx_opset
+from .sensitivity import fit_budget, node_errors
 
-MODES = ("dynamic", "static", "fp16")
+log = logging.getLogger("onnxpipe")
+
 VARIANTS = {"dynamic": "int8_dynamic", "static": "int8_static", "fp16": "fp16"}
-CALIBRATIONS = ("minmax", "entropy", "percentile")
-INT8_TYPES = ("uint8", "int8")
 
 # What each mode quantizes, per model family. Dynamic Conv (ConvInteger) is built so that selection can
 # show it is slow on CPUs; QDQ keeps Relu/MaxPool/Reshape between convs in INT8 so the chain stays integer.
@@ -47,60 +53,8 @@ STATIC_OPS = {"image": ["Conv", "Gemm", "MatMul", "Relu", "MaxPool", "Reshape", 
 # float lets ORT run MatMulIntegerToFloat instead of requantizing (measured here: as fast or faster,
 # and closer to FP32). Image models keep Conv outputs INT8 so the next Conv reads INT8 directly.
 STATIC_FLOAT_OUTPUTS = {"image": [], "sequence": ["MatMul", "Gemm"]}
-INT8_KERNELS = {"MatMulInteger", "ConvInteger", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "QLinearMatMul",
-                "QLinearConv", "MatMulIntegerToFloat", "QGemm", "QAttention"}
 CALIB_BATCH = 32
 SENSITIVITY_SAMPLES = 64
-
-
-@dataclass(frozen=True)
-class QuantizeConfig:
-    mode: str = "auto"                  # dynamic | static | fp16 | auto (every mode)
-    calibration: str = "minmax"         # static: minmax | entropy | percentile
-    calib_samples: int = 256            # static: training samples used for calibration
-    per_channel: bool = False
-    activation_type: str = "uint8"      # static activations; uint8 + int8 weights (U8S8) is fast on x86
-    weight_type: str = "int8"
-    reduce_range: bool = False          # 7-bit weights: avoids U8S8 saturation on AVX2 without VNNI
-    max_accuracy_drop: float = 1.0     # points
-    min_agreement: float = 0.99
-    exclusion_rounds: int = 6           # retries with sensitive nodes in FP32 (0: none)
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.mode not in (*MODES, "auto"):
-            raise ConfigError(f"unknown quantization mode {self.mode!r}; use dynamic, static, fp16 or auto")
-        if self.calibration not in CALIBRATIONS:
-            raise ConfigError(f"unknown calibration {self.calibration!r}; use {', '.join(CALIBRATIONS)}")
-        if self.calib_samples < 1:
-            raise ConfigError(f"static quantization needs calibration data: --calib-samples must be >= 1, "
-                              f"got {self.calib_samples}")
-        for name in ("activation_type", "weight_type"):
-            if getattr(self, name) not in INT8_TYPES:
-                raise ConfigError(f"{name} must be uint8 or int8, got {getattr(self, name)!r}")
-        if self.exclusion_rounds < 0:
-            raise ConfigError(f"exclusion_rounds must be >= 0, got {self.exclusion_rounds}")
-        self.budget  # validates the budget  # noqa: B018
-
-    @property
-    def budget(self) -> Budget:
-        return Budget(self.max_accuracy_drop, self.min_agreement)
-
-    def modes(self) -> list[str]:
-        return list(MODES) if self.mode == "auto" else [self.mode]
-
-    def for_mode(self, mode: str) -> dict:
-        """The settings that shaped one mode's variant (recorded in its artifact)."""
-        d = asdict(self)
-        d["mode"] = mode
-        if mode != "static":
-            for k in ("calibration", "calib_samples", "activation_type"):
-                d.pop(k)
-        if mode == "fp16":
-            for k in ("per_channel", "weight_type", "reduce_range"):
-                d.pop(k)
-            d["keep_io_types"] = True
-        return d
 
 
 def variant_name(source: str, mode: str) -> str:
@@ -113,15 +67,13 @@ def variant_name(source: str, mode: str) -> str:
 
 @contextlib.contextmanager
 def _quiet_quantizer():
-    """ORT's quantization tools log advice (not actionable here) on the root logger and ORT's own log."""
-    import onnxruntime as ort
-
+    """ORT's quantization tools log advice (not actionable here) on the root logger and ORT's own log;
+    both levels are restored afterwards."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
-    ort.set_default_logger_severity(3)
     try:
-        with warnings.catch_warnings():
+        with ort_log_severity(3), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -140,19 +92,24 @@ def _working_dir(path: Path):
 
 
 def preprocess(src: Path, workdir: Path) -> tuple[Path, str]:
-    """quant_pre_process with the Transformer fallback. Returns (model to quantize, what was done)."""
+    """quant_pre_process with the Transformer fallback. Returns (model to quantize, what was done).
+
+    Paths are resolved *before* changing into the temporary folder: a relative run folder (the default
+    exports/<model>) would otherwise point into that folder and every pre-processing would fail."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    out = workdir / "preprocessed.onnx"
+    src, out = Path(src).resolve(), (Path(workdir) / "preprocessed.onnx").resolve()
     failures = []
     for how, kwargs in (("full", {}), ("skip_symbolic_shape", {"skip_symbolic_shape": True})):
         try:
             with _working_dir(workdir):
-                quant_pre_process(str(src.resolve()), str(out.resolve()), **kwargs)
+                quant_pre_process(str(src), str(out), **kwargs)
             return out, how if not failures else f"{how} (full: {failures[0]})"
         except Exception as e:  # ORT raises bare Exception("Incomplete symbolic shape inference") and others
             failures.append(str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
-    return src, "skipped: " + "; ".join(failures)
+    what = "failed: " + "; ".join(failures)
+    log.warning("quant_pre_process %s; quantizing the graph as exported (an LSTM then stays float)", what)
+    return src, what
 
 
 def exclusion_candidates(float_model: Path, mode: str, family: str) -> list[str]:
@@ -175,7 +132,7 @@ def count_int8_nodes(path: Path) -> int:
     model = onnx.load(str(path), load_external_data=False)
     dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     return sum(1 for n in model.graph.node
-               if n.op_type in INT8_KERNELS or (n.op_type in COMPUTE_OPS and any(i in dq_out for i in n.input)))
+               if n.op_type in INTEGER_KERNELS or (n.op_type in COMPUTE_OPS and any(i in dq_out for i in n.input)))
 
 
 def count_fp16_initializers(path: Path) -> int:
@@ -280,15 +237,12 @@ def _builder(mode: str, cfg: QuantizeConfig, family: str, src: Path, pre: Path, 
 
 def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, source: str,
                   parent_logits: np.ndarray, workdir: Path) -> ModeResult:
-    from .export import onnx_opset
-    from ..core.runtime import make_session
-
     variant = variant_name(source, mode)
     src = run.path(source)
-    family = run.spec.family
+    family = run.spec_of(source).family
     names = input_names(src)
     if len(names) != 1:
-        raise ConfigError(f"quantize feeds the data split to one model input; {source} has {len(names)}: {names}")
+        raise DataError(f"quantize feeds the data split to one model input; {source} has {len(names)}: {names}")
     calib, calib_idx = calibration_samples(ds, cfg.calib_samples, cfg.seed)
     folds = fold_file(src, workdir / "folded.onnx")   # lossless; every mode starts from the leaner graph
     if folds:
@@ -296,9 +250,9 @@ def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, sour
     pre, how = (src, "not needed (fp16)") if mode == "fp16" else preprocess(src, workdir)
     float_model, build = _builder(mode, cfg, family, src, pre, workdir, calib)
 
-    def judge(path: Path):
+    def judge_build(path: Path):
         logits = predict_batched(make_session(path, device="cpu"), ds.x_test)
-        return cfg.budget.judge(source, variant, parent_logits, logits, ds.y_test)
+        return judge(cfg.budget, source, variant, parent_logits, logits, ds.y_test)
 
     # Rank on training rows other than the calibration ones where there are any: the ranges fit the
     # calibration rows by construction, so errors there understate the clipping unseen inputs suffer.
@@ -310,10 +264,10 @@ def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, sour
         return node_errors(float_model, path, [(x[i:i + CALIB_BATCH],) for i in range(0, len(x), CALIB_BATCH)],
                            candidates=exclusion_candidates(float_model, mode, family))
 
-    fit = fit_budget(build, judge, rank, max_rounds=cfg.exclusion_rounds)
+    fit = fit_budget(build, judge_build, rank, max_rounds=cfg.exclusion_rounds)
     if not fit.fits:
         why = ("it only fits with every quantized node back in FP32 (nothing INT8 would be left)"
-               if fit.exhausted and fit.report else verdict_line(fit.report))
+               if fit.exhausted and fit.report else fit.report.budget_line())
         return ModeResult(variant, mode, reason=f"over budget after {len(fit.attempts)} build(s): {why}")
     int8_nodes = count_int8_nodes(fit.path) if mode != "fp16" else None
     if mode != "fp16" and not int8_nodes:
@@ -338,13 +292,16 @@ def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, sour
     if mode == "static":
         extra["calibration"] = {"split": "train", "samples": int(len(calib)), "method": cfg.calibration,
                                 "seed": cfg.seed, "indices_sha": _digest(calib_idx)}
-    art = run.add_artifact(variant, out.name, stage="quantize", parent=source, lossy=True, config=cfg.for_mode(mode),
-                           opset=onnx_opset(out), extra={k: v for k, v in extra.items() if v is not None}, save=False)
     rep = fit.report
-    run.record_parity(rep.to_json(), save=False)
-    run.set_metrics(variant, save=False, accuracy=rep.candidate_accuracy, agreement=rep.agreement,
-                    accuracy_drop=rep.accuracy_drop, max_abs=rep.max_abs, cosine=rep.cosine,
-                    mean_abs=rep.checks[0].mean_abs if rep.checks else None, size_ratio=extra["size_ratio"])
+    with run.batch():  # recorded the moment it is complete: a later kill leaves no unlisted file
+        art = run.add_artifact(variant, out.name, stage="quantize", parent=source, lossy=True,
+                               config=cfg.for_mode(mode), opset=onnx_opset(out),
+                               extra={k: v for k, v in extra.items() if v is not None})
+        run.record_parity(rep.to_json())
+        run.set_metrics(variant, accuracy=rep.candidate_accuracy, agreement=rep.agreement,
+                        accuracy_drop=rep.accuracy_drop, max_abs=rep.max_abs, cosine=rep.cosine,
+                        mean_abs=rep.checks[0].mean_abs if rep.checks else None, size_ratio=extra["size_ratio"])
+        run.update_section("quantize", **{variant: {"recorded": True}})
     return ModeResult(variant, mode, artifact=art)
 
 
@@ -354,25 +311,8 @@ def _digest(idx: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:16]
 
 
-def forget_variant(run: Run, variant: str) -> None:
-    """Drop a stale variant this stage made before (its file, record, metrics and parity entries)."""
-    if not run.has(variant):
-        return
-    art = run.artifact(variant)
-    if art.stage != "quantize":
-        raise ArtifactError(f"variant {variant!r} belongs to stage {art.stage!r}; quantize may not replace it")
-    (run.root / art.path).unlink(missing_ok=True)
-    del run.manifest["artifacts"][variant]
-    run.manifest["metrics"].pop(variant, None)
-    run.manifest["parity"] = [p for p in run.manifest["parity"] if variant not in (p["reference"], p["candidate"])]
-    if run.manifest.get("selected") == variant:
-        run.manifest["selected"] = "onnx" if run.has("onnx") else None
-
-
 def quantize(run: Run, cfg: QuantizeConfig, ds: Dataset, *, source: str = "onnx") -> list[ModeResult]:
-    """Build every mode of cfg.modes() from variant `source`; record the ones within budget."""
-    from ..core.runtime import make_session
-
+    """Build every mode of cfg.modes_to_build() from variant `source`; record the ones within budget."""
     art = run.artifact(source)
     if art.format != "onnx" or art.lossy:
         raise ArtifactError(f"quantize starts from an FP32 ONNX variant; {source!r} is "
@@ -381,17 +321,14 @@ def quantize(run: Run, cfg: QuantizeConfig, ds: Dataset, *, source: str = "onnx"
         raise DataError("the accuracy budget is measured on the test split, and it is empty")
     parent_logits = predict_batched(make_session(run.path(source), device="cpu"), ds.x_test)
     results = []
-    record = run.manifest.setdefault("quantize", {})
-    for mode in cfg.modes():
+    for mode in cfg.modes_to_build():
         with tempfile.TemporaryDirectory(prefix="onnxpipe-quant-") as tmp:
-            workdir = Path(tmp)
             with _quiet_quantizer():
-                res = quantize_mode(run, mode, cfg, ds, source=source, parent_logits=parent_logits, workdir=workdir)
+                res = quantize_mode(run, mode, cfg, ds, source=source, parent_logits=parent_logits,
+                                    workdir=Path(tmp))
         if res.artifact is None:
-            forget_variant(run, res.variant)
-            record[res.variant] = {"recorded": False, "reason": res.reason}
-        else:
-            record[res.variant] = {"recorded": True}
+            with run.batch():
+                run.remove_variant(res.variant, stage="quantize")  # a stale variant of an earlier run
+                run.update_section("quantize", **{res.variant: {"recorded": False, "reason": res.reason}})
         results.append(res)
-    run.save()
     return results

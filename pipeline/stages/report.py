@@ -8,11 +8,10 @@ with the Pareto front and marker area ~ file size; latency per variant per batch
 per-node divergence of quantized variants where the manifest has it) and the explanation grids of
 `onnxpipe explain`, shown beside the variant that disagreed with torch.
 
-Per-node divergence is read, where present, from a parity entry's "nodes" list, an artifact's
-extra["node_divergence"] or metrics[v]["node_divergence"]: items {"node": name, "added_error": x} (as
-pipeline.budget.node_errors writes them; "name"/"tensor" and "max_abs"/"mean_abs"/"mse"/... work too),
-or a plain {node: value} mapping. Failing those, the quantizer's extra["excluded_nodes"] (the nodes kept
-in FP32, ranked on the fully quantized build) is charted."""
+Per-node divergence is what pipeline/stages/divergence.py writes (metrics[v]["node_divergence"], rows of
+node_errors: {"node", "added_error", ...}); where that is missing, the quantizer's extra["excluded_nodes"]
+(the nodes kept in FP32, ranked on the fully quantized build, same row format) is charted. Verdicts are
+worded by the parity policy (pass / over budget / FAIL), as in `onnxpipe show` and `onnxpipe verify`."""
 from __future__ import annotations
 
 import base64
@@ -23,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import write_bytes
+from ..core.policy import entry_verdict
 from ..runfolder import Run
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 ASSETS = "report_files"          # PNGs referenced by report.md (report.html inlines them)
-NODE_KEYS = ("node", "name", "tensor", "output")
-VALUE_KEYS = ("added_error", "output_error", "max_abs", "mean_abs", "rel_error", "mse", "cosine", "error")
 
 
 # --- blocks ---------------------------------------------------------------------------------------
@@ -93,7 +91,7 @@ def fmt_ms(x: float | None) -> str:
 def latency_table(run: Run) -> tuple[str, dict[str, dict[int, dict[str, dict]]]]:
     """(source, {threads label: {batch: {variant: cell}}}) from bench metrics, else from selection's latency_ms."""
     out: dict[str, dict[int, dict[str, dict]]] = {}
-    if run.manifest.get("bench"):
+    if run.section("bench"):
         for v in run.variants():
             for threads, per_batch in (run.metrics(v).get("bench") or {}).get("latency", {}).items():
                 for batch, cell in per_batch.items():
@@ -107,27 +105,16 @@ def latency_table(run: Run) -> tuple[str, dict[str, dict[int, dict[str, dict]]]]
 
 
 def node_divergence(run: Run, variant: str) -> tuple[str, list[tuple[str, float]], str] | None:
-    """(value name, [(node, value), ...], where it came from) for a variant, from wherever the manifest holds it."""
-    art = run.artifact(variant)
-    candidates = [(p.get("nodes") or p.get("node_divergence"), "parity check") for p in run.manifest.get("parity", [])
-                  if p.get("candidate") == variant]
-    candidates += [(art.extra.get("node_divergence"), "quantizer"),
-                   (run.metrics(variant).get("node_divergence"), run.metrics(variant).get("node_divergence_source", "metrics")),
-                   (art.extra.get("excluded_nodes"), "nodes kept in FP32, ranked on the fully quantized build")]
-    for data, source in candidates:
-        if not data:
-            continue
-        if isinstance(data, dict):
-            items = [(str(k), float(v)) for k, v in data.items() if isinstance(v, (int, float))]
-            if items:
-                return "divergence", items, source
-        if isinstance(data, list) and isinstance(data[0], dict):
-            node_key = next((k for k in NODE_KEYS if k in data[0]), None)
-            value_key = next((k for k in VALUE_KEYS if k in data[0]), None)
-            if node_key and value_key:
-                items = [(str(d[node_key]), float(d[value_key])) for d in data if isinstance(d.get(value_key), (int, float))]
-                if items:
-                    return value_key, items, source
+    """(value name, [(node, value), ...], where it came from) for a variant: the divergence measured by
+    pipeline/stages/divergence.py, else the quantizer's ranking of the nodes it kept in FP32."""
+    measured = run.metrics(variant).get("node_divergence")
+    if measured:
+        source = run.metrics(variant).get("node_divergence_source", "onnxpipe report")
+        return "added_error", [(r["node"], float(r["added_error"])) for r in measured], source
+    excluded = run.artifact(variant).extra.get("excluded_nodes")
+    if excluded:
+        return "added_error", [(r["node"], float(r["added_error"])) for r in excluded], \
+            "nodes kept in FP32, ranked on the fully quantized build"
     return None
 
 
@@ -183,7 +170,7 @@ def plot_accuracy_vs_latency(run: Run, table: dict, label: str) -> Figure | None
         for k, (v, lat, acc) in enumerate(sorted(pts, key=lambda p: p[1])):
             area = 40 + 600 * run.artifact(v).bytes / biggest
             ax.scatter(lat, acc, s=area, alpha=0.55, color="tab:red" if v in front else "tab:blue",
-                       edgecolors="black" if v == run.manifest.get("selected") else "none", linewidths=1.5)
+                       edgecolors="black" if v == run.selected else "none", linewidths=1.5)
             # Neighbours in latency often tie in accuracy: stagger their labels above and below the point.
             ax.annotate(v, (lat, acc), textcoords="offset points", xytext=LABEL_OFFSETS[k % len(LABEL_OFFSETS)],
                         fontsize=7, arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "gray"})
@@ -239,7 +226,7 @@ def plot_latency_bars(run: Run, tables: dict[str, dict]) -> Figure | None:
 
 
 def plot_training(run: Run) -> Figure | None:
-    history = (run.manifest.get("training") or {}).get("history") or []
+    history = (run.section("training") or {}).get("history") or []
     if not history:
         return None
     plt = _pyplot()
@@ -272,7 +259,7 @@ def plot_divergence(variant: str, value_name: str, items: list[tuple[str, float]
 # --- the report -----------------------------------------------------------------------------------
 
 def build_report(run: Run) -> Report:
-    m = run.manifest
+    m = run.manifest  # a snapshot: the report only reads
     rep = Report(f"onnxpipe report: {run.model_name} ({m.get('size', 'default')})")
     ds = m.get("dataset", {})
     split = ds.get("split", {})
@@ -338,7 +325,7 @@ def _variants_section(rep: Report, run: Run, tables: dict, source: str) -> None:
         acc = met.get("accuracy")
         drop = None if acc is None or torch_acc is None else f"{100 * (torch_acc - acc):.2f}"
         row = [v, a.parent or "-", (bench.get("flops") or {}).get("kind", "-"), f"{a.bytes / 1024:.1f}", fmt_acc(acc),
-               drop, "*" if run.manifest.get("selected") == v else ""]
+               drop, "*" if run.selected == v else ""]
         for b in batches:
             c = tables[label][b].get(v) or {}
             x, frac = c.get("speedup_vs_torch"), c.get("fraction_of_peak")
@@ -370,7 +357,7 @@ def _variants_section(rep: Report, run: Run, tables: dict, source: str) -> None:
 
 
 def _limits_section(rep: Report, run: Run) -> None:
-    info = run.manifest.get("bench")
+    info = run.section("bench")
     if not info:
         return
     rep.h("The machine's limits")
@@ -388,7 +375,7 @@ def _limits_section(rep: Report, run: Run) -> None:
 
 
 def _parity_section(rep: Report, run: Run) -> None:
-    parity = run.manifest.get("parity", [])
+    parity = run.parity()
     rep.h("Parity")
     if not parity:
         rep.p("No parity checks recorded yet (`onnxpipe verify RUN`).")
@@ -400,7 +387,7 @@ def _parity_section(rep: Report, run: Run) -> None:
     def verdict(p):
         if p is None:
             return ""
-        mark = "pass" if p["passed"] else "FAIL"
+        mark = entry_verdict(p)
         if p["rule"] == "tensor":
             return f"{mark} max|d| {p['max_abs']:.1e}"
         return f"{mark} agree {p['agreement']:.3f}, drop {p['accuracy_drop']:.2f} pt"
@@ -409,7 +396,7 @@ def _parity_section(rep: Report, run: Run) -> None:
     rep.table(["reference"] + cands, [[r] + [verdict(by_pair.get((r, c))) for c in cands] for r in refs])
     rows = []
     for p in parity:
-        rows.append([p["reference"], p["candidate"], p["rule"], "pass" if p["passed"] else "FAIL", f"{p['max_abs']:.3g}",
+        rows.append([p["reference"], p["candidate"], p["rule"], entry_verdict(p), f"{p['max_abs']:.3g}",
                      None if p.get("agreement") is None else f"{p['agreement']:.4f}",
                      None if p.get("accuracy_drop") is None else f"{p['accuracy_drop']:.2f}",
                      len(p.get("shapes", [])), "; ".join(p.get("notes", []))])
@@ -417,14 +404,14 @@ def _parity_section(rep: Report, run: Run) -> None:
 
 
 def _explain_section(rep: Report, run: Run) -> None:
-    info = run.manifest.get("explain")
+    info = run.section("explain")
     if not info:
         return
     rep.h("Explanations")
     rep.p(f"{info['method']} on variant torch, for its predicted class; {info['samples']} test samples, "
           "misclassified ones first. Run `onnxpipe explain RUN` to refresh.")
     for group in info.get("groups", []):
-        path = run.root / group["png"]
+        path = run.file(group["png"], what="explain image")  # inside the run folder, or an error
         if not path.is_file():
             rep.p(f"(missing image {group['png']}: run `onnxpipe explain` again)")
             continue

@@ -17,31 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ArtifactError, ConfigError
+from ..core.predictors import load_predictor
+from ..core.timing import default_threads, time_predictors
+from ..errors import ArtifactError
 from ..runfolder import Run
+from .configs import SelectConfig
 
 TIMING_BLOCK = 3   # per round, each variant runs 3 times back to back; the first re-warms caches, untimed
-
-
-@dataclass(frozen=True)
-class SelectConfig:
-    batches: tuple[int, ...] = (1, 64)
-    warmup: int = 5
-    runs: int = 20                      # timed rounds (each times TIMING_BLOCK - 1 calls)
-    min_seconds: float = 0.3            # per batch size: very fast models get more rounds than `runs`
-    threads: int | None = None          # ORT intra-op threads (default: the usable cores)
-    objective: str = "geomean"          # geomean over batch sizes, or one batch size such as "64"
-
-    def __post_init__(self):
-        if not self.batches or min(self.batches) < 1:
-            raise ConfigError(f"batch sizes must be >= 1, got {self.batches}")
-        if self.warmup < 0 or self.runs < 1:
-            raise ConfigError(f"need warmup >= 0 and runs >= 1, got warmup={self.warmup} runs={self.runs}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        if self.objective != "geomean" and self.objective not in {str(b) for b in self.batches}:
-            raise ConfigError(f"objective must be 'geomean' or one of the timed batch sizes "
-                              f"({', '.join(str(b) for b in self.batches)}), got {self.objective!r}")
 
 
 @dataclass
@@ -99,7 +81,7 @@ def verdict(run: Run, variant: str, _seen: frozenset = frozenset()) -> tuple[boo
     art = run.artifact(variant)
     if art.parent is None:
         return True, ""
-    entries = [p for p in run.manifest["parity"] if p["candidate"] == variant]
+    entries = run.parity(candidate=variant)
     failing = [p for p in entries if not p["passed"]]
     if failing:
         p = failing[0]
@@ -134,29 +116,42 @@ def machine_record(threads: int) -> dict:
     }
 
 
-def time_variants(run: Run, names: list[str], cfg: SelectConfig) -> dict[str, dict[str, object]]:
-    """{variant: {batch (str): Latency}} for ONNX variants, interleaved per batch size."""
-    from ..core.timing import time_interleaved
-    from ..core.predictors import load_predictor
+def input_signature(run: Run, variant: str) -> tuple:
+    """What the variant's inputs look like (name, per-sample shape, dtype): variants alike are timed together."""
+    specs = run.spec_of(variant).input_specs(run.model_config_of(variant))
+    return tuple((s.name, tuple(s.shape), s.dtype) for s in specs)
 
-    spec, model_cfg = run.spec, run.model_config()
+
+def example_batches(run: Run, variant: str, batches) -> dict[int, list[np.ndarray]]:
+    """Random inputs of the variant's own network at its trained shape, per batch size."""
+    spec, cfg = run.spec_of(variant), run.model_config_of(variant)
+    return {b: [np.ascontiguousarray(t.numpy()) for t in spec.example_inputs(cfg, batch=b)] for b in batches}
+
+
+def time_variants(run: Run, names: list[str], cfg: SelectConfig) -> dict[str, dict[str, object]]:
+    """{variant: {batch (str): Latency}} for ONNX variants, interleaved per batch size.
+
+    Variants of one input signature are timed in the same rounds; a student of another model (other
+    inputs) gets its own rounds."""
     # Spinning off: the sessions take turns on the same cores, and an idle session's busy-waiting
     # threads would otherwise slow whichever variant runs next.
     fns = {v: load_predictor(run, v, device="cpu", threads=cfg.threads, spinning=False) for v in names}
+    groups: dict[tuple, list[str]] = {}
+    for v in names:
+        groups.setdefault(input_signature(run, v), []).append(v)
     out: dict[str, dict[str, object]] = {v: {} for v in names}
-    for b in cfg.batches:
-        inputs = tuple(np.ascontiguousarray(t.numpy()) for t in spec.example_inputs(model_cfg, batch=b))
-        lat = time_interleaved({v: (lambda f=f: f(*inputs)) for v, f in fns.items()}, batch=b,
-                               warmup=cfg.warmup, runs=cfg.runs, min_seconds=cfg.min_seconds, block=TIMING_BLOCK)
-        for v, latency in lat.items():
-            out[v][str(b)] = latency
+    for members in groups.values():
+        inputs = example_batches(run, members[0], cfg.batches)
+        lat = time_predictors({v: fns[v] for v in members}, inputs, warmup=cfg.warmup, runs=cfg.runs,
+                              min_seconds=cfg.min_seconds, block=TIMING_BLOCK)
+        for b, per_variant in lat.items():
+            for v, latency in per_variant.items():
+                out[v][str(b)] = latency
     return out
 
 
-def select(run: Run, cfg: SelectConfig) -> Selection:
+def select(run: Run, cfg: SelectConfig, data=None) -> "Selection":
     """Time the run's ONNX variants, choose, and record timings, marks and the choice in the manifest."""
-    from ..core.runtime import physical_cores
-
     names = [v for v in run.variants() if run.artifact(v).format == "onnx"]
     if not names:
         raise ArtifactError(f"run {run.root} has no ONNX variant to select from; run `onnxpipe export` first")
@@ -171,17 +166,17 @@ def select(run: Run, cfg: SelectConfig) -> Selection:
     if sel.selected is None:
         raise ArtifactError("no ONNX variant may be selected: " +
                             "; ".join(f"{v}: {why}" for v, why in sel.excluded.items()))
-    for v in names:
-        values = {"latency_ms": table[v]["latency_ms"],
-                  "latency_detail": {b: lat.to_json() for b, lat in timings[v].items()}}
-        if table[v]["lossy"] and run.has(table[v]["parent"] or "") and table[v]["parent"] in table:
-            values["slower_than_parent"] = v in sel.slower_than_parent
-        run.set_metrics(v, save=False, **values)
-    run.manifest["machine"] = machine_record(cfg.threads or physical_cores())
-    run.manifest["selection"] = {**sel.to_json(), "objective": cfg.objective,
-                                 "batches": [str(b) for b in cfg.batches],
-                                 "timing": {"method": f"interleaved rounds, blocks of {TIMING_BLOCK} (first untimed), p50", "warmup": cfg.warmup, "runs": cfg.runs,
-                                            "min_seconds": cfg.min_seconds, "inputs": "random, trained shape"}}
-    run.manifest["selected"] = sel.selected
-    run.save()
+    with run.batch():
+        for v in names:
+            values = {"latency_ms": table[v]["latency_ms"],
+                      "latency_detail": {b: lat.to_json() for b, lat in timings[v].items()}}
+            if table[v]["lossy"] and run.has(table[v]["parent"] or "") and table[v]["parent"] in table:
+                values["slower_than_parent"] = v in sel.slower_than_parent
+            run.set_metrics(v, **values)
+        run.set_section("machine", machine_record(default_threads(cfg.threads)))
+        run.set_selected(sel.selected, selection={
+            **sel.to_json(), "objective": cfg.objective, "batches": [str(b) for b in cfg.batches],
+            "timing": {"method": f"interleaved rounds, blocks of {TIMING_BLOCK} (first untimed), p50",
+                       "warmup": cfg.warmup, "runs": cfg.runs, "min_seconds": cfg.min_seconds,
+                       "inputs": "random, trained shape"}})
     return sel

@@ -1,5 +1,9 @@
 """Train stage: Adam + one-cycle schedule, seeded and deterministic on CPU, early stop on
-validation plateau, resumable checkpoints. Writes variant `torch` (model.pt)."""
+validation plateau, resumable checkpoints. Writes variant `torch` (model.pt).
+
+`launch` starts training the way the user asked: in this process, in N local processes (DDP, see
+distributed.py), or as one rank of a torchrun job. `adopt_weights` makes variant `torch` without
+training (a user's state_dict, or the factory's own initialization)."""
 from __future__ import annotations
 
 import math
@@ -7,50 +11,32 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..atomic import atomic_path
-from ..core.data import Dataset
-from .distributed import SINGLE_PROCESS, World, load_checkpoint
-from ..errors import ConfigError
+from ..atomic import atomic_path, sha256_file
+from ..core.data import Dataset, reload_dataset
+from ..core.predictors import load_checkpoint_file, save_weights
+from ..errors import ArtifactError, ConfigError, DataError, RunFolderError
 from ..runfolder import Artifact, Run
+from .configs import TrainConfig
+from .distributed import SINGLE_PROCESS, World, load_checkpoint
 
 CHECKPOINT = "checkpoints/last.pt"
 WEIGHTS = "model.pt"
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 20
-    lr: float = 3e-3
-    batch_size: int = 32
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
-    patience: int = 8          # epochs without a better validation accuracy before stopping
-    augment_shift: int = 0     # random +/- pixel shifts for image models (0 = off)
-    mixup: float = 0.0         # Beta(a, a) mixing of input pairs (0 = off); labels mix with the same weight
-    seed: int = 0
-    threads: int | None = None
-
-    def __post_init__(self):
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.patience < 1:
-            raise ConfigError(f"patience must be >= 1, got {self.patience}")
-
-
 def train_config_for(spec, **overrides) -> TrainConfig:
     """The model's tuned defaults, then explicit overrides (None means 'keep the default')."""
     values = {**spec.train_defaults, **{k: v for k, v in overrides.items() if v is not None}}
-    return TrainConfig(**values)
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:
+        raise ConfigError(f"bad [train] setting: {e}") from None
 
 
 def set_determinism(seed: int, threads: int | None = None) -> None:
@@ -193,32 +179,6 @@ def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, *, checkpoint: Path | N
     return state
 
 
-def save_weights(path: Path, model_name: str, cfg, state_dict: dict) -> None:
-    state_dict = {k: v.detach().cpu() for k, v in state_dict.items()}  # loads on machines without the training device
-    with atomic_path(path) as tmp:
-        torch.save({"model": model_name, "config": asdict(cfg), "state_dict": state_dict}, tmp)
-
-
-def load_torch_variant(run: Run, variant: str = "torch"):
-    """(module, spec, config) of a torch variant, rebuilt from its checkpoint (sha256-checked; weights_only).
-
-    The checkpoint names its own model and config, so a student of another size or model rebuilds as itself."""
-    from ..models import get_model, replace_config
-
-    ck = torch.load(run.path(variant), weights_only=True)
-    # The run's own model may be a user factory or an imported graph: the run folder knows how to rebuild it.
-    spec = run.spec if ck["model"] == run.model_name else get_model(ck["model"])
-    cfg = replace_config(spec.config_cls(), ck["config"])
-    model = spec.build(cfg)
-    model.load_state_dict(ck["state_dict"])
-    return model.eval(), spec, cfg
-
-
-def load_torch_model(run: Run, variant: str = "torch") -> nn.Module:
-    """Rebuild a torch variant from its checkpoint (sha256-checked; weights_only load)."""
-    return load_torch_variant(run, variant)[0]
-
-
 def train(run: Run, cfg: TrainConfig, ds: Dataset, *, resume: bool = False, progress: bool = True,
           world: World = SINGLE_PROCESS) -> Artifact | None:
     """Train the run's model on `ds` and record variant `torch` with its test accuracy.
@@ -226,6 +186,7 @@ def train(run: Run, cfg: TrainConfig, ds: Dataset, *, resume: bool = False, prog
     With a distributed `world` every rank trains; rank 0 records and returns the artifact, the others None."""
     spec = run.spec
     model_cfg = run.model_config()
+    check_split(ds)
     set_determinism(cfg.seed, cfg.threads)  # seeds the initialization too
     model = spec.build(model_cfg).to(world.device)
     history = fit(model, ds, cfg, checkpoint=run.root / CHECKPOINT, resume=resume,
@@ -235,13 +196,116 @@ def train(run: Run, cfg: TrainConfig, ds: Dataset, *, resume: bool = False, prog
     test_acc, _ = evaluate(model, ds.x_test, ds.y_test)
     save_weights(run.root / WEIGHTS, spec.name, model_cfg, model.state_dict())
     params = sum(p.numel() for p in model.parameters())
-    art = run.add_artifact("torch", WEIGHTS, stage="train", format="torch", config=asdict(cfg),
-                           extra={"params": params}, save=False)
-    run.manifest["training"] = {
-        "epochs_run": history["epoch"], "best_epoch": history["best_epoch"] + 1,
-        "best_val_accuracy": history["best_val"], "stopped_early": history["stopped_early"],
-        "seconds": history["seconds"], "history": history["history"],
-        "processes": world.size, "device": str(world.device), "resumed_from_epoch": history["resumed_from_epoch"],
-    }
-    run.set_metrics("torch", accuracy=test_acc, params=params)
+    with run.batch():
+        art = run.add_artifact("torch", WEIGHTS, stage="train", format="torch", config=asdict(cfg),
+                               extra={"params": params}, model={"name": spec.name, "config": asdict(model_cfg)})
+        run.set_section("training", {
+            "epochs_run": history["epoch"], "best_epoch": history["best_epoch"] + 1,
+            "best_val_accuracy": history["best_val"], "stopped_early": history["stopped_early"],
+            "seconds": history["seconds"], "history": history["history"],
+            "processes": world.size, "device": str(world.device), "resumed_from_epoch": history["resumed_from_epoch"],
+        })
+        run.set_metrics("torch", accuracy=test_acc, params=params)
     return art
+
+
+def check_split(ds: Dataset) -> None:
+    """Training needs rows in every split: say how many samples that takes instead of failing deep inside."""
+    empty = [name for name, y in (("train", ds.y_train), ("validation", ds.y_val), ("test", ds.y_test)) if len(y) == 0]
+    if empty:
+        total = len(ds.y_train) + len(ds.y_val) + len(ds.y_test)
+        raise DataError(f"the data has {total} samples, which leaves the {', '.join(empty)} split(s) empty; training "
+                        "needs at least a few samples per class in each split (about 10 per class in all)")
+
+
+# --- variant torch without training ----------------------------------------------------------------------
+
+def adopt_weights(run: Run, weights: Path | None, ds: Dataset, *, seed: int = 0) -> Artifact:
+    """Variant `torch` without training: the factory's own initialization (seeded), or a state_dict file."""
+    spec, cfg = run.spec, run.model_config()
+    set_determinism(seed)
+    model = spec.build(cfg)
+    config: dict = {"weights": None}
+    if weights is not None:
+        weights = Path(weights).expanduser()
+        if not weights.is_file():
+            raise ConfigError(f"weights file {weights} does not exist")
+        state = load_checkpoint_file(weights, "weights file")
+        if isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]  # onnxpipe's model.pt and many trainers wrap the state_dict
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ArtifactError(f"{weights} does not hold a state_dict (a dict of parameter name -> tensor)")
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            raise ArtifactError(f"{weights} does not fit the model: {str(e).splitlines()[1:2] or e}") from None
+        if missing or unexpected:
+            raise ArtifactError(f"{weights} does not fit the model: missing keys {missing[:5]}, "
+                                f"unexpected keys {unexpected[:5]}")
+        config = {"weights": str(weights.resolve()), "sha256": sha256_file(weights)}
+    model.eval()
+    acc, _ = evaluate(model, ds.x_test, ds.y_test)
+    save_weights(run.root / WEIGHTS, spec.name, cfg, model.state_dict())
+    params = sum(p.numel() for p in model.parameters())
+    with run.batch():
+        art = run.add_artifact("torch", WEIGHTS, stage="weights", format="torch", config=config,
+                               extra={"params": params}, model={"name": spec.name, "config": asdict(cfg)})
+        run.set_metrics("torch", accuracy=acc, params=params)
+    return art
+
+
+# --- launching: one process, N local processes, or a torchrun rank ----------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    """What every rank needs to train one run folder (picklable: it crosses process boundaries)."""
+
+    root: str
+    train_config: Any               # a TrainConfig
+    resume: bool
+    device: str                     # "cpu" or "cuda"
+    progress: bool
+    dataset: Any = None             # the loaded Dataset, handed to local ranks (saves each a reload); None: reload
+    manifest: dict | None = None    # the run's manifest as rank 0 read it (other machines have no run folder)
+
+
+def train_rank(world: World, job: Job) -> None:
+    """One rank's share of `train`: every rank trains, rank 0 records the artifact."""
+    import os
+
+    from .distributed import threads_per_process
+
+    run = Run.open(job.root) if world.is_writer else Run(Path(job.root), job.manifest or {})
+    cfg = job.train_config
+    if cfg.threads is None:
+        torch.set_num_threads(threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", world.size))))
+    ds = job.dataset if job.dataset is not None else reload_dataset(run.dataset_info)
+    train(run, cfg, ds, resume=job.resume, progress=job.progress and world.is_writer, world=world)
+
+
+def launch(prepare: Callable[[], tuple[Run, Dataset]], config_for: Callable[[Run], TrainConfig], *,
+           nproc: int = 1, device: str = "cpu", resume: bool = False, progress: bool = True) -> Run | None:
+    """Train the run that `prepare()` creates or reopens: in this process, in `nproc` local processes, or,
+    when torchrun started this process, as one of its ranks. Returns the Run (None on ranks other than 0)."""
+    from .distributed import check_device, launched_by_torchrun, single_world, spawn, under_torchrun
+
+    if launched_by_torchrun():
+        if nproc > 1:
+            raise ConfigError("--nproc starts its own processes; under torchrun use --nproc-per-node instead")
+
+        def prepare_job() -> Job:
+            run, _ = prepare()
+            return Job(str(run.root), config_for(run), resume, device, progress, manifest=run.manifest)
+
+        job = under_torchrun(prepare_job, train_rank, device)
+        return Run.open(job.root) if job is not None else None
+    check_device(device, nproc)
+    run, ds = prepare()
+    cfg = config_for(run)
+    if nproc == 1:
+        train(run, cfg, ds, resume=resume, progress=progress, world=single_world(device))
+        return run.reload()
+    if resume and not (run.root / CHECKPOINT).is_file():  # say so before starting any process
+        raise RunFolderError(f"nothing to resume: no checkpoint at {run.root / CHECKPOINT}")
+    spawn(train_rank, Job(str(run.root), cfg, resume, device, progress, ds, run.manifest), nproc, device)
+    return run.reload()

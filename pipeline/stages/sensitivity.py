@@ -1,12 +1,11 @@
-"""Accuracy budget for lossy variants, and the search that keeps the most sensitive nodes in FP32.
+"""Fitting a lossy build into its accuracy budget by keeping its most sensitive nodes in FP32.
 
-A lossy variant (INT8, FP16) is judged against its FP32 parent on the held-out test split: top-1
-agreement and accuracy drop decide (pipeline.parity.task_parity), with max/mean abs error and cosine
-of the logits reported beside them. A variant over budget is rebuilt with the nodes that add the
-most error kept in FP32. Per-node error is measured by running the float graph and the quantized
-graph side by side on calibration (training) data with intermediate tensors exposed: a node's
-*added* error is the relative error at its output minus the relative error already present at its
-input, so a node is not blamed for what happened upstream of it."""
+A lossy variant (INT8, FP16) is judged against its FP32 parent on the held-out test split by its
+Budget (pipeline/core/policy.py). A variant over budget is rebuilt with the nodes that add the most
+error kept in FP32. Per-node error is measured by running the float graph and the quantized graph
+side by side on calibration (training) data with intermediate tensors exposed: a node's *added*
+error is the relative error at its output minus the relative error already present at its input, so
+a node is not blamed for what happened upstream of it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,57 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..core.parity import ParityReport, task_parity
-
-# Ops whose quantization changes numerics (weights or a matmul-like kernel): the exclusion candidates.
-COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "LSTM", "GRU", "Gather")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How far a lossy variant may drift from its parent: accuracy points lost, top-1 agreement kept."""
-
-    max_accuracy_drop: float = 1.0      # points (percent) of test accuracy
-    min_agreement: float = 0.99         # fraction of test samples with the parent's top-1 class
-
-    def __post_init__(self):
-        if not np.isfinite(self.max_accuracy_drop) or self.max_accuracy_drop < 0:
-            raise ConfigError(f"--max-drop must be >= 0 accuracy points, got {self.max_accuracy_drop}")
-        if not 0.0 <= self.min_agreement <= 1.0:
-            raise ConfigError(f"--min-agreement must be between 0 and 1, got {self.min_agreement}")
-
-    def to_json(self) -> dict:
-        return {"max_accuracy_drop": self.max_accuracy_drop, "min_agreement": self.min_agreement}
-
-    def judge(self, reference: str, candidate: str, ref_logits: np.ndarray, cand_logits: np.ndarray,
-              labels: np.ndarray) -> ParityReport:
-        return task_parity(reference, candidate, ref_logits, cand_logits, labels,
-                           max_accuracy_drop=self.max_accuracy_drop, min_agreement=self.min_agreement)
-
-
-def verdict_line(report: ParityReport) -> str:
-    """One line: why a report passes or fails its budget."""
-    parts = []
-    if report.agreement is not None:
-        op = ">=" if report.agreement >= (report.min_agreement or 0) else "<"
-        parts.append(f"agreement {report.agreement:.4f} {op} {report.min_agreement}")
-    if report.accuracy_drop is not None:
-        op = "<=" if report.accuracy_drop <= (report.max_accuracy_drop or 0) + 1e-9 else ">"
-        parts.append(f"accuracy drop {report.accuracy_drop:.2f} pt {op} {report.max_accuracy_drop} pt")
-    return ("within budget: " if report else "over budget: ") + ", ".join(parts)
+from ..core.onnxgraph import COMPUTE_OPS, GraphIndex
+from ..core.parity import ParityReport
 
 
 # --- per-node error between a float graph and its quantized graph ---------------------------------------
-
-def _graph_index(model):
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    return producers, consumers
-
 
 def _tensors(model) -> set[str]:
     return {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
@@ -120,7 +73,8 @@ def node_errors(float_model: Path, quant_model: Path, inputs: list[tuple[np.ndar
 
     fm = onnx.load(str(float_model))
     qm = onnx.load(str(quant_model))
-    f_prod, f_cons = _graph_index(fm)
+    f_index = GraphIndex.of(fm.graph)
+    f_prod, f_cons = f_index.producer, f_index.consumers
     common = _tensors(fm) & _tensors(qm) & _float_tensors(fm)
     graph_inputs = {i.name for i in fm.graph.input}
     initializers = {i.name for i in fm.graph.initializer}
@@ -217,7 +171,7 @@ def fit_budget(build: Callable[[list[str]], Path], judge: Callable[[Path], Parit
     for _ in range(max_rounds):
         k = min(k, len(ranking))
         chosen = ranking[:k]
-        why = verdict_line(report)
+        why = report.budget_line()
         path = build([r["node"] for r in chosen])
         report = judge(path)
         result.path, result.report = path, report
@@ -234,4 +188,4 @@ def fit_budget(build: Callable[[list[str]], Path], judge: Callable[[Path], Parit
 
 def _attempt(excluded: list[str], report: ParityReport) -> dict:
     return {"excluded": len(excluded), "passed": bool(report), "agreement": report.agreement,
-            "accuracy_drop": report.accuracy_drop, "verdict": verdict_line(report)}
+            "accuracy_drop": report.accuracy_drop, "verdict": report.budget_line()}

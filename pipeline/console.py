@@ -1,0 +1,120 @@
+"""What the CLI prints: tables of variants, parity, bench cells and quantize results (front end, layer 5).
+
+Only formatting: every number comes from the manifest or a stage's return value, and every verdict is
+worded by the parity policy."""
+from __future__ import annotations
+
+import logging
+import sys
+
+LEFT = ("model", "variant", "parent", "parity", "stage", "reference", "candidate", "rule", "status", "note", "passed")
+
+
+def print_table(rows: list[dict], columns: list[str], title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c in LEFT else "right")
+    for r in rows:
+        table.add_row(*[fmt(r.get(c)) for c in columns])
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # a log file or pipe has no width to fit: don't cut columns to 80
+    console.print(table)
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "*" if v else ""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def print_summary(run) -> None:
+    from .orchestrate import summary_rows
+
+    rows = summary_rows(run)
+    for r in rows:
+        r["size"] = f"{r.pop('bytes') / 1024:.1f} KiB"
+    print_table(rows, ["model", "variant", "parent", "accuracy", "parity", "size"])
+
+
+def print_parity(run, reports) -> None:
+    rows = [{"reference": r.reference, "candidate": r.candidate, "rule": r.rule, "passed": r.verdict,
+             "max_abs": f"{r.max_abs:.2e}", "agreement": r.agreement, "acc_drop_pt": r.accuracy_drop,
+             "shapes": len({tuple(c.shape) for c in r.checks})} for r in reports]
+    print_table(rows, ["reference", "candidate", "rule", "passed", "max_abs", "agreement", "acc_drop_pt", "shapes"],
+                title=f"parity: {run.root}")
+
+
+def print_quantize(run, results, cfg) -> None:
+    rows = []
+    for r in results:
+        if r.artifact is None:
+            rows.append({"variant": r.variant, "status": "not kept: " + r.reason})
+            continue
+        m, e = run.metrics(r.variant), r.artifact.extra
+        rows.append({"variant": r.variant, "status": "kept", "size_ratio": e["size_ratio"], "agreement": m["agreement"],
+                     "acc_drop_pt": m["accuracy_drop"], "cosine": m["cosine"],
+                     "fp32_nodes": len(e["excluded_nodes"]), "preprocess": e["preprocess"]})
+    print_table(rows, ["variant", "status", "size_ratio", "agreement", "acc_drop_pt", "cosine", "fp32_nodes", "preprocess"],
+                title=f"quantize: {run.root} (budget {cfg.max_accuracy_drop} pt, agreement >= {cfg.min_agreement})")
+
+
+def bench_display(row: dict) -> dict:
+    """A bench row with short, fixed-precision strings for the terminal."""
+    def num(v, spec):
+        return None if v is None else format(v, spec)
+
+    return {
+        "variant": row["variant"] + (" *" if row["selected"] else ""), "threads": row["threads"], "batch": row["batch"],
+        "p50_ms": num(row["p50_ms"], ".3f"), "p90_ms": num(row["p90_ms"], ".3f"), "p99_ms": num(row["p99_ms"], ".3f"),
+        "rows/s": num(row["rows_s"], ".0f"), "x torch": num(row["x_torch"], ".2f"), "GFLOP/s": num(row["gflops"], ".1f"),
+        "% peak": num(row["pct_peak"], ".0f"), "limit": row["limit"], "kind": row["kind"],
+        "MFLOP/row": num(None if row["flops_per_row"] is None else row["flops_per_row"] / 1e6, ".3f"),
+        "size KiB": num(row["size_kib"], ".1f"), "peak RSS MB": num(row["rss_mb"], ".0f"),
+        "accuracy": num(row["accuracy"], ".4f"),
+    }
+
+
+def print_bench(run, info: dict, device: str) -> None:
+    import typer
+
+    from .stages.bench import bench_rows
+
+    rows = bench_rows(run)
+    print_table([bench_display(r) for r in rows],
+                ["variant", "threads", "batch", "p50_ms", "p90_ms", "p99_ms", "rows/s", "x torch", "GFLOP/s", "% peak",
+                 "limit"], title=f"bench: {run.root} ({info['machine']['cpu']}, device {device})")
+    per_variant = {r["variant"]: bench_display(r) for r in rows}
+    print_table(list(per_variant.values()), ["variant", "kind", "MFLOP/row", "size KiB", "peak RSS MB", "accuracy"])
+    for t, lim in info["limits"].items():
+        for b, x in lim["by_batch"].items():
+            typer.echo(f"limits at {t} thread(s), measured in the batch-{b} rounds: FP32 matmul {x['fp32_gflops']:.0f} "
+                       f"GFLOP/s, INT8 matmul {x['int8_gops']:.0f} GOP/s, per-call overhead ORT "
+                       f"{1000 * x['overhead_ms']:.0f} us, torch {1000 * x['torch_overhead_ms']:.0f} us")
+    typer.echo(f"results in {run.root / 'manifest.json'} (metrics.<variant>.bench)")
+
+
+class _Stderr(logging.Handler):
+    """One `warning: ...` line per record on whatever sys.stderr is at the time (test runners swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(f"{record.levelname.lower()}: {record.getMessage()}\n")
+        except Exception:  # a closed stream must not turn a warning into a crash
+            self.handleError(record)
+
+
+def configure_logging() -> None:
+    """Stages' notes and warnings (logger "onnxpipe") as one line each on stderr."""
+    logger = logging.getLogger("onnxpipe")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

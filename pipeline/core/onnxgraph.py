@@ -1,0 +1,92 @@
+"""What every graph pass needs to know about an ONNX graph: one index of producers and consumers, and
+the one list of operator families (fused, attention, quantized, integer kernels, compute ops).
+
+Used by the attention fold, the quantizer's per-node sensitivity, the FLOP counter, the optimizer's
+fusion summary and the report's divergence chart."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Ops that only exist after ORT's fusions (com.microsoft contrib ops and fused forms).
+FUSED_OPS = frozenset({
+    "FusedConv", "FusedGemm", "FusedMatMul", "BiasGelu", "FastGelu", "Gelu", "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization", "BiasSoftmax", "QuickGelu", "EmbedLayerNormalization",
+    "MultiHeadAttention", "GroupQueryAttention", "Attention", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+    "QLinearConv", "QLinearMatMul", "NhwcConv", "BiasAdd",
+})
+ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention"})
+# Integer kernels ONNX Runtime runs (dynamic and static INT8, with or without QDQ fusion).
+INTEGER_KERNELS = frozenset({
+    "MatMulInteger", "ConvInteger", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "QLinearMatMul",
+    "QLinearConv", "MatMulIntegerToFloat", "QGemm", "QAttention",
+})
+# Every operator that only a quantized graph holds: the integer kernels and the (de)quantize nodes.
+QUANTIZED_OPS = INTEGER_KERNELS | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+# Ops whose quantization changes numerics (weights or a matmul-like kernel): the exclusion candidates.
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "LSTM", "GRU", "Gather")
+
+
+def bare(op: str) -> str:
+    """'com.microsoft.Attention' -> 'Attention'."""
+    return op.rsplit(".", 1)[-1]
+
+
+@dataclass
+class GraphIndex:
+    """Producers and consumers of every tensor of a graph, its initializers and graph outputs."""
+
+    graph: object
+    producer: dict = field(default_factory=dict)       # tensor -> node that writes it
+    consumers: dict = field(default_factory=dict)      # tensor -> [nodes that read it]
+    initializers: set = field(default_factory=set)
+    outputs: set = field(default_factory=set)
+    inputs: set = field(default_factory=set)
+
+    @classmethod
+    def of(cls, graph) -> "GraphIndex":
+        idx = cls(graph)
+        for n in graph.node:
+            for o in n.output:
+                idx.producer[o] = n
+            for i in n.input:
+                idx.consumers.setdefault(i, []).append(n)
+        idx.initializers = {t.name for t in graph.initializer}
+        idx.outputs = {o.name for o in graph.output}
+        idx.inputs = {i.name for i in graph.input}
+        return idx
+
+    def used_once(self, tensor: str) -> bool:
+        """Read by exactly one node and not a graph output."""
+        return len(self.consumers.get(tensor, [])) == 1 and tensor not in self.outputs
+
+    def constant(self, name: str):
+        """The value of an initializer or Constant node output, as numpy; None if it is computed."""
+        from onnx import numpy_helper
+
+        for t in self.graph.initializer:
+            if t.name == name:
+                return numpy_helper.to_array(t)
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.attribute:
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    def tensors(self) -> set[str]:
+        return {o for n in self.graph.node for o in n.output} | self.inputs
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    """{op_type: count} over the main graph (domain-prefixed for non-standard domains)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = [n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node]
+    return dict(sorted(Counter(names).items()))
+
+
+def op_types(path: Path) -> set[str]:
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
