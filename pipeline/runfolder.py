@@ -259,6 +259,9 @@ class Run:
             self._batch = self._read_from(self.root)
             try:
                 yield self
+                # Under the lock, a half-written manifest can only be a writer's that was killed: clear it.
+                for stale in self.root.glob(f".{MANIFEST}.*.tmp"):
+                    stale.unlink(missing_ok=True)
                 write_json(self.root / MANIFEST, self._batch)
                 self._m = self._batch
             finally:

@@ -241,6 +241,9 @@ def load_dataset(
     _check_rank(x, source)
     if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
         raise DataError(f"{source}: x holds NaN or infinite values; clean the data first")
+    if len(y) == 0:
+        raise DataError(f"{source} holds no samples; a run needs labelled samples for its train, validation and "
+                        "test splits")
     y = _check_labels(y, num_classes, source)
     if x_test is None:
         train_idx, val_idx, test_idx = stratified_split(y, (1 - val_fraction - test_fraction, val_fraction), seed)
@@ -261,6 +264,13 @@ def load_dataset(
         x_va, y_va = sub(x_va, y_va, max(limit // 4, 1))
         x_test, y_test = sub(x_test, y_test, max(limit // 4, 1))
 
+    empty = [name for name, part in (("train", y_tr), ("validation", y_va), ("test", y_test)) if len(part) == 0]
+    if empty:
+        per_class = int(np.ceil(1.5 / min(val_fraction, test_fraction)))
+        raise DataError(f"{source}: the seeded split of {len(y)} samples (train {len(y_tr)}, "
+                        f"validation {len(y_va)}, test {len(y_test)}) leaves the {' and '.join(empty)} split empty; "
+                        f"give at least {per_class} samples of each class (the split is stratified: "
+                        f"{val_fraction:.0%} of each class to validation, {test_fraction:.0%} to test)")
     shaped = [_shape_for(a, family, image_size, source) for a in (x_tr, x_va, x_test)]
     unit = shaped[0] * np.float32(1.0 / scale)
     norm = {"scale": 1.0 / scale, "mean": float(unit.mean()), "std": float(unit.std()) or 1.0}

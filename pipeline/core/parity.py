@@ -208,3 +208,23 @@ def judge(budget: Budget, reference: str, candidate: str, ref_logits: np.ndarray
                          max_accuracy_drop=budget.max_accuracy_drop, min_agreement=budget.min_agreement)
     report.gate = budget.gate
     return report
+
+
+def row_dependence(fn, inputs, *, scale: float = 100.0) -> float:
+    """How far row 0's outputs move when the *other* rows of its batch change (their float inputs scaled by
+    `scale`): 0 for a model whose rows are independent, large for one that computes something over the
+    whole batch (dynamic INT8: one activation scale per call). `inputs`: a tuple of batch-first arrays with
+    at least 2 rows."""
+    inputs = [np.asarray(a) for a in inputs]
+    loud = [np.concatenate([a[:1], a[1:] * scale]).astype(a.dtype) if a.dtype.kind == "f" else a for a in inputs]
+    quiet = np.asarray(fn(*inputs), np.float64)[0]
+    shouted = np.asarray(fn(*loud), np.float64)[0]
+    alone = np.asarray(fn(*(a[:1] for a in inputs)), np.float64)[0]
+    return float(max(np.max(np.abs(shouted - quiet)), np.max(np.abs(alone - quiet))))
+
+
+def rows_are_independent(fn, inputs, tolerance) -> tuple[bool, float]:
+    """(independent within the tensor tolerance, the measured movement) for `row_dependence`."""
+    moved = row_dependence(fn, inputs)
+    ref = float(np.max(np.abs(np.asarray(fn(*(np.asarray(a)[:1] for a in inputs)), np.float64))))
+    return bool(moved <= tolerance.atol + tolerance.rtol * ref), moved

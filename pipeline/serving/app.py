@@ -24,7 +24,7 @@ from typing import Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -38,6 +38,7 @@ from .protocol import HEADER_LENGTH, RequestError, encode_infer_response, parse_
 log = logging.getLogger("onnxpipe.serve")
 access_log = logging.getLogger("onnxpipe.access")
 
+CLIENT_CLOSED = 499      # nginx's code for "client closed the request": logged, never seen by the client
 OFFLOAD_BYTES = 1 << 20   # bodies larger than this are decoded on a thread, so the event loop stays responsive
 
 
@@ -154,6 +155,9 @@ def create_app(model: ServedModel, cfg: ServeConfig, *, load: Callable[[], None]
                 return _error(request, e.status, str(e))
             except InferenceError as e:
                 return _error(request, 500, str(e))
+            except ClientDisconnect:  # the client went away mid-request: nobody to answer, nothing broke
+                log.info("client disconnected during %s %s", request.method, request.url.path)
+                return _error(request, CLIENT_CLOSED, "client disconnected before the request was complete")
             except Exception as e:  # a bug of ours: log the traceback here, never send it
                 log.exception("internal error on %s %s", request.method, request.url.path)
                 return _error(request, 500, f"internal server error ({type(e).__name__}); see the server log")
@@ -230,6 +234,7 @@ def create_app(model: ServedModel, cfg: ServeConfig, *, load: Callable[[], None]
     def start_loading() -> None:
         try:
             (load or model.load)()
+            batcher.merge_callers = model.row_independent  # an answer depends only on its own request
             metrics.ready.set(1 if model.ready else 0)
         except DeviceError as e:  # a device that cannot run the model: serving is pointless
             log.error("%s", e)

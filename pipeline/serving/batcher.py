@@ -10,7 +10,10 @@ loop keeps accepting and parsing requests while the model runs. Policy:
   already being received (`arriving`), so a lone request runs at once and adds no delay;
 - requests that arrive while the model runs wait for the next batch (one model call at a time);
 - a request larger than `max_batch` runs alone, in one call;
-- if a merged call fails, each request is retried alone, so one bad request cannot fail others.
+- if a merged call fails, each request is retried alone, so one bad request cannot fail others;
+- a model whose outputs for one row depend on the other rows of its batch (dynamic INT8: one activation
+  scale per call; found by the load-time check in model.py) is never batched across callers
+  (`merge_callers = False`): an answer depends only on its own request.
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ class DynamicBatcher:
         self._busy = False          # a batch is being formed or run
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="onnxpipe-model")
+        self.merge_callers = True   # False: every request is its own model call (a batch-dependent model)
 
     # --- lifecycle (on the event loop) ---------------------------------------------------------------
     def start(self) -> None:
@@ -99,6 +103,8 @@ class DynamicBatcher:
 
     def _fill(self, batch: list[_Pending], rows: int) -> int:
         """Move queued requests that fit (same key, row budget) into the batch; returns its rows."""
+        if not self.merge_callers:
+            return rows
         kept: deque[_Pending] = deque()
         while self._queue:
             p = self._queue.popleft()
@@ -121,7 +127,7 @@ class DynamicBatcher:
             batch = [self._queue.popleft()]
             rows = self._fill(batch, batch[0].rows)
             deadline = loop.time() + self.max_delay_s
-            while rows < self.max_batch and self._arriving > 0 and loop.time() < deadline:
+            while self.merge_callers and rows < self.max_batch and self._arriving > 0 and loop.time() < deadline:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), deadline - loop.time())

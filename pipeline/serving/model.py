@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.parity import compare_tensor
+from ..core.parity import compare_tensor, rows_are_independent
 from ..core.policy import POLICY
 from ..core.runtime import Session, make_session, resolve_providers
 from ..errors import ArtifactError, ConfigError, DeviceError, OnnxpipeError
@@ -78,6 +79,7 @@ class ServedModel:
     outputs: list[TensorMeta] = field(default_factory=list)
     self_test: SelfTest | None = None
     vocab_size: int = 0
+    row_independent: bool = True    # False: outputs of a row depend on its batch; the batcher never merges callers
     _ready: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @classmethod
@@ -127,6 +129,7 @@ class ServedModel:
                                     f"reproduce the run's reference outputs; re-run `onnxpipe verify {self.run.root}`")
             log.info("self-test passed (%s rule, %d reference inputs): %s", self.self_test.rule,
                      self.self_test.samples, self.self_test.detail)
+            self._check_rows()
             self.state = "ready"
         except DeviceError as e:
             self.state, self.error = "failed", str(e)
@@ -153,8 +156,19 @@ class ServedModel:
             with np.load(path, allow_pickle=False) as z:
                 labels = z["labels"] if "labels" in z.files else None
                 return z["inputs"], z["outputs"], labels, ref.get("variant", "torch")
-        except (ValueError, OSError, KeyError) as e:
+        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise ArtifactError(f"reference file {path} cannot be read ({e}); {remake}") from None
+
+    def _check_rows(self) -> None:
+        """Does a row's answer depend on the other rows of its batch? Then callers are never co-batched."""
+        x = self._reference()[0][:8]
+        if len(x) < 2:
+            return
+        self.row_independent, moved = rows_are_independent(lambda a: self.session.run(a)[0], [x], POLICY.tensor)
+        if not self.row_independent:
+            log.warning("variant %s computes over the whole batch (a row's logits moved by %.3g when the other rows "
+                        "changed; dynamic INT8 does this): requests are never batched across callers",
+                        self.variant, moved)
 
     def _run_self_test(self) -> SelfTest:
         """Replay the reference inputs (as one batch and one row at a time) and judge them by the rule verify
@@ -243,6 +257,7 @@ class ServedModel:
                           sha256=self.run.artifact(self.variant).sha256)
         if self.self_test is not None:
             params["self_test"] = self.self_test.to_json()
+            params["batched_across_callers"] = self.row_independent
         if self.error:
             params["error"] = self.error
         return {"name": self.name, "versions": [self.version], "platform": "onnxruntime_onnx",

@@ -39,6 +39,13 @@ V2_TO_TRITON = {k: "TYPE_" + ("STRING" if k == "BYTES" else k) for k in [*DATATY
 _JSON_KINDS = {"BOOL": "b", **{k: "iu" for k in DATATYPES if "INT" in k}, "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"}
 
 
+# Bounds on a request's declared shape: far above any body the server accepts, far below what would make
+# numpy allocate (or fail to allocate) an impossible array for a zero-sized tensor.
+MAX_RANK = 16
+MAX_DIM = 2**31 - 1
+MAX_ELEMENTS = 2**34
+
+
 class RequestError(Exception):
     """A request the server cannot take: answered with `status` and {"error": message}."""
 
@@ -75,6 +82,12 @@ def _shape(raw, where: str) -> tuple[int, ...]:
         raise RequestError(f"{where}: 'shape' must be a list of integers, got {json.dumps(raw)[:80]}")
     if any(d < 0 for d in raw):
         raise RequestError(f"{where}: 'shape' {raw} has a negative dimension; every dimension must be >= 0")
+    if len(raw) > MAX_RANK or any(d > MAX_DIM for d in raw):
+        raise RequestError(f"{where}: 'shape' {raw[:MAX_RANK + 1]} is impossible: at most {MAX_RANK} dimensions of "
+                           f"at most {MAX_DIM} each")
+    if math.prod(d for d in raw if d) > MAX_ELEMENTS:
+        raise RequestError(f"{where}: 'shape' {raw} describes more than {MAX_ELEMENTS} elements; send fewer rows "
+                           "per request")
     return tuple(raw)
 
 

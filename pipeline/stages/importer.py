@@ -77,8 +77,14 @@ def external_data_files(model, folder: Path) -> list[Path]:
                 f"folder {base}; external data must be a relative path inside that folder")
         if not target.is_file():
             raise ArtifactError(f"tensor {t.name!r} keeps its data in {loc!r}, which is not a file in {base}")
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        files[target] = max(files.get(target, 0), end)
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        except ValueError:
+            raise ArtifactError(f"tensor {t.name!r} has external data offset {info.get('offset')!r} and length "
+                                f"{info.get('length')!r}; both must be whole numbers of bytes (the file is damaged)") from None
+        if offset < 0 or length < 0:
+            raise ArtifactError(f"tensor {t.name!r} has a negative external data offset or length; the file is damaged")
+        files[target] = max(files.get(target, 0), offset + length)
     for f, end in files.items():
         if end > f.stat().st_size:
             raise ArtifactError(f"external data file {f} holds {f.stat().st_size} bytes, the model reads up to {end}")

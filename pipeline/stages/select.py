@@ -12,6 +12,7 @@ Rules (choose() is a pure function over recorded timings, so they are testable w
 The machine's CPU features and ONNX Runtime's thread settings are recorded beside the timings."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -22,6 +23,8 @@ from ..core.timing import default_threads, time_predictors
 from ..errors import ArtifactError
 from ..runfolder import Run
 from .configs import SelectConfig
+
+log = logging.getLogger("onnxpipe")
 
 TIMING_BLOCK = 3   # per round, each variant runs 3 times back to back; the first re-warms caches, untimed
 
@@ -150,6 +153,18 @@ def time_variants(run: Run, names: list[str], cfg: SelectConfig) -> dict[str, di
     return out
 
 
+def row_independence(run: Run, names: list[str]) -> dict[str, tuple[bool, float]]:
+    """{variant: (rows independent, how far row 0 moved)}: whether a variant may be batched across callers."""
+    from ..core.parity import rows_are_independent
+    from ..core.policy import POLICY
+
+    out = {}
+    for v in names:
+        fn = load_predictor(run, v, device="cpu")
+        out[v] = rows_are_independent(fn, example_batches(run, v, (8,))[8], POLICY.tensor)
+    return out
+
+
 def select(run: Run, cfg: SelectConfig, data=None) -> "Selection":
     """Time the run's ONNX variants, choose, and record timings, marks and the choice in the manifest."""
     names = [v for v in run.variants() if run.artifact(v).format == "onnx"]
@@ -166,10 +181,18 @@ def select(run: Run, cfg: SelectConfig, data=None) -> "Selection":
     if sel.selected is None:
         raise ArtifactError("no ONNX variant may be selected: " +
                             "; ".join(f"{v}: {why}" for v, why in sel.excluded.items()))
+    rows = row_independence(run, names)
+    notes = []
+    if not rows[sel.selected][0]:
+        notes.append(f"{sel.selected} computes over the whole batch (row 0's logits moved by "
+                     f"{rows[sel.selected][1]:.3g} when the other rows changed: dynamic INT8 quantizes activations "
+                     "per call), so `onnxpipe serve` runs each caller's request alone instead of batching callers")
+        log.warning(notes[-1])
     with run.batch():
         for v in names:
             values = {"latency_ms": table[v]["latency_ms"],
-                      "latency_detail": {b: lat.to_json() for b, lat in timings[v].items()}}
+                      "latency_detail": {b: lat.to_json() for b, lat in timings[v].items()},
+                      "row_independent": rows[v][0], "row_dependence_max_abs": rows[v][1]}
             if table[v]["lossy"] and run.has(table[v]["parent"] or "") and table[v]["parent"] in table:
                 values["slower_than_parent"] = v in sel.slower_than_parent
             run.set_metrics(v, **values)
@@ -178,5 +201,6 @@ def select(run: Run, cfg: SelectConfig, data=None) -> "Selection":
             **sel.to_json(), "objective": cfg.objective, "batches": [str(b) for b in cfg.batches],
             "timing": {"method": f"interleaved rounds, blocks of {TIMING_BLOCK} (first untimed), p50",
                        "warmup": cfg.warmup, "runs": cfg.runs, "min_seconds": cfg.min_seconds,
-                       "inputs": "random, trained shape"}})
+                       "inputs": "random, trained shape"},
+            "row_independent": rows[sel.selected][0], "notes": notes})
     return sel
