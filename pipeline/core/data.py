@@ -182,6 +182,11 @@ def _shape_for(x: np.ndarray, family: str, image_size: int, where: str) -> np.nd
     return F.interpolate(t, size=(image_size, image_size), mode="bilinear", align_corners=False).numpy()
 
 
+def split_minimum(val_fraction: float, test_fraction: float) -> int:
+    """Samples of each class that give the smaller of the validation and test splits at least one row."""
+    return int(np.ceil(1.5 / min(val_fraction, test_fraction)))
+
+
 def stratified_split(y: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
     """Seeded split of indices into len(fractions)+1 parts (the last takes the rest), per class."""
     rng = np.random.default_rng(seed)
@@ -264,9 +269,11 @@ def load_dataset(
         x_va, y_va = sub(x_va, y_va, max(limit // 4, 1))
         x_test, y_test = sub(x_test, y_test, max(limit // 4, 1))
 
-    empty = [name for name, part in (("train", y_tr), ("validation", y_va), ("test", y_test)) if len(part) == 0]
+    # Every stage needs train (calibration, training) and test rows (budgets); validation is training's own
+    # need (early stopping), checked there, so a small data set can still be imported and judged.
+    empty = [name for name, part in (("train", y_tr), ("test", y_test)) if len(part) == 0]
     if empty:
-        per_class = int(np.ceil(1.5 / min(val_fraction, test_fraction)))
+        per_class = split_minimum(val_fraction, test_fraction)
         raise DataError(f"{source}: the seeded split of {len(y)} samples (train {len(y_tr)}, "
                         f"validation {len(y_va)}, test {len(y_test)}) leaves the {' and '.join(empty)} split empty; "
                         f"give at least {per_class} samples of each class (the split is stratified: "

@@ -186,6 +186,14 @@ def train(run: Run, cfg: TrainConfig, ds: Dataset, *, resume: bool = False, prog
     With a distributed `world` every rank trains; rank 0 records and returns the artifact, the others None."""
     spec = run.spec
     model_cfg = run.model_config()
+    if len(ds.y_val) == 0:
+        from ..core.data import split_minimum
+
+        info = ds.info
+        raise DataError(f"{info.get('source')}: the validation split is empty (train {len(ds.y_train)}, test "
+                        f"{len(ds.y_test)}); training stops early on validation accuracy: give at least "
+                        f"{split_minimum(info.get('val_fraction', 0.1), info.get('test_fraction', 0.2))} samples of "
+                        "each class")
     set_determinism(cfg.seed, cfg.threads)  # seeds the initialization too
     model = spec.build(model_cfg).to(world.device)
     history = fit(model, ds, cfg, checkpoint=run.root / CHECKPOINT, resume=resume,
