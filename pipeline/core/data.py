@@ -5,6 +5,13 @@ Sources (the `--data` option):
   mnist:DIR   the standard MNIST IDX files (gzipped or raw) in DIR: train-* and t10k-*
   npz:FILE    a user's own arrays `x` (N,H,W), (N,1,H,W) or (N,T,F) and `y` (N,) integer labels
 
+Options that shape the data (each recorded and replayed by `reload_dataset`):
+  classes     keep only these source labels, relabelled 0..k-1 in the order given (digits 0-4, then 5-9)
+  per_class   at most N labelled rows of each class in the training and validation splits (a few-shot
+              data set; the test split stays whole: it is the measurement)
+  normalization  use these statistics instead of the training split's (a transferred model keeps the
+              normalization its backbone was trained with)
+
 Image-family models get (N, 1, S, S) images resized to the model's image size;
 sequence-family models read each image as a sequence of rows, (N, T=H, F=W).
 Pixels are scaled to [0, 1] and standardized with the training split's mean and std;
@@ -202,6 +209,44 @@ def stratified_split(y: np.ndarray, fractions: tuple[float, ...], seed: int) -> 
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
+def parse_classes(text: str | None) -> tuple[int, ...] | None:
+    """'0-4' -> (0, 1, 2, 3, 4); '5,7,9' -> (5, 7, 9); None -> None."""
+    if text is None or isinstance(text, (tuple, list)):
+        return tuple(int(c) for c in text) if text is not None else None
+    out: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            lo, dash, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    except ValueError:
+        raise DataError(f"bad --classes {text!r}: expected labels such as 0-4 or 5,7,9") from None
+    if not out or len(set(out)) != len(out) or min(out) < 0:
+        raise DataError(f"bad --classes {text!r}: expected distinct labels >= 0, such as 0-4 or 5,7,9")
+    return tuple(out)
+
+
+def _select_classes(x: np.ndarray, y: np.ndarray, classes: tuple[int, ...], where: str):
+    """Rows whose label is in `classes`, relabelled to its position there."""
+    y = np.asarray(y)
+    present = set(np.unique(y).tolist())
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise DataError(f"{where}: --classes names label(s) {missing} that the data does not have "
+                        f"(it has {sorted(present)})")
+    keep = np.isin(y, classes)
+    lookup = {c: i for i, c in enumerate(classes)}
+    return x[keep], np.array([lookup[int(v)] for v in y[keep]], dtype=np.int64)
+
+
+def _per_class(x: np.ndarray, y: np.ndarray, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """At most n rows of each class (seeded), in their original order."""
+    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:n] for c in np.unique(y)]))
+    return x[keep], y[keep]
+
+
 def _fingerprint(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:
@@ -220,10 +265,15 @@ def load_dataset(
     test_fraction: float = 0.2,
     limit: int | None = None,
     layout: str = "nchw",
+    classes: tuple[int, ...] | None = None,
+    per_class: int | None = None,
+    normalization: dict | None = None,
 ) -> Dataset:
     """Load `source`, shape it for `family`, split it (seeded, stratified) and normalize it.
 
-    `layout="nhwc"` gives images as (N, S, S, 1), for models from channels-last frameworks (Keras, TF)."""
+    `layout="nhwc"` gives images as (N, S, S, 1), for models from channels-last frameworks (Keras, TF).
+    `num_classes=None`: as many as the labels say (the largest label + 1). `classes`, `per_class` and
+    `normalization`: see the module docstring."""
     if family not in ("image", "sequence"):
         raise DataError(f"unknown model family {family!r}")
     if layout not in ("nchw", "nhwc") or (layout == "nhwc" and family != "image"):
@@ -244,11 +294,20 @@ def load_dataset(
 
     fingerprint = _fingerprint(x, y) if x_test is None else _fingerprint(x, y, x_test, y_test)
     _check_rank(x, source)
+    if classes:
+        classes = tuple(int(c) for c in classes)
+        x, y = _select_classes(x, y, classes, source)
+        if x_test is not None:
+            x_test, y_test = _select_classes(x_test, y_test, classes, source + " (t10k)")
+    if per_class is not None and per_class < 1:
+        raise DataError(f"--per-class must be >= 1, got {per_class}")
     if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
         raise DataError(f"{source}: x holds NaN or infinite values; clean the data first")
     if len(y) == 0:
         raise DataError(f"{source} holds no samples; a run needs labelled samples for its train, validation and "
                         "test splits")
+    if num_classes is None:
+        num_classes = int(np.max(y)) + 1 if np.issubdtype(np.asarray(y).dtype, np.number) else 0
     y = _check_labels(y, num_classes, source)
     if x_test is None:
         train_idx, val_idx, test_idx = stratified_split(y, (1 - val_fraction - test_fraction, val_fraction), seed)
@@ -268,6 +327,10 @@ def load_dataset(
         x_tr, y_tr = sub(x_tr, y_tr, limit)
         x_va, y_va = sub(x_va, y_va, max(limit // 4, 1))
         x_test, y_test = sub(x_test, y_test, max(limit // 4, 1))
+    if per_class:  # the labelled rows there are; the test split stays whole
+        rng = np.random.default_rng(seed + 1)
+        x_tr, y_tr = _per_class(x_tr, y_tr, per_class, rng)
+        x_va, y_va = _per_class(x_va, y_va, per_class, rng)
 
     # Every stage needs train (calibration, training) and test rows (budgets); validation is training's own
     # need (early stopping), checked there, so a small data set can still be imported and judged.
@@ -281,6 +344,11 @@ def load_dataset(
     shaped = [_shape_for(a, family, image_size, source) for a in (x_tr, x_va, x_test)]
     unit = shaped[0] * np.float32(1.0 / scale)
     norm = {"scale": 1.0 / scale, "mean": float(unit.mean()), "std": float(unit.std()) or 1.0}
+    if normalization is not None:
+        if abs(float(normalization["scale"]) - norm["scale"]) > 1e-12:
+            raise DataError(f"{source}: its pixel scale 1/{scale:g} differs from the normalization given "
+                            f"(scale {normalization['scale']}); the two data sets must share units")
+        norm = {k: float(normalization[k]) for k in ("scale", "mean", "std")}
     x_tr, x_va, x_test = (normalize(a, norm) for a in shaped)
     if layout == "nhwc":
         x_tr, x_va, x_test = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (x_tr, x_va, x_test))
@@ -300,6 +368,12 @@ def load_dataset(
         "sample_shape": list(x_tr.shape[1:]),
         "layout": layout,
     }
+    if classes:
+        info["classes"] = list(classes)
+    if per_class:
+        info["per_class"] = per_class
+    if normalization is not None:
+        info["normalization_given"] = True
     return Dataset(x_tr.astype(np.float32), y_tr, x_va.astype(np.float32), y_va,
                    x_test.astype(np.float32), y_test, info)
 
@@ -313,6 +387,8 @@ def reload_dataset(info: dict) -> Dataset:
         info["source"], info["family"], image_size=info.get("image_size") or 28,
         num_classes=info["num_classes"], seed=info["seed"], val_fraction=info["val_fraction"],
         test_fraction=info["test_fraction"], limit=info.get("limit"), layout=info.get("layout", "nchw"),
+        classes=tuple(info["classes"]) if info.get("classes") else None, per_class=info.get("per_class"),
+        normalization=info["normalization"] if info.get("normalization_given") else None,
     )
     if ds.info["fingerprint"] != info["fingerprint"]:
         raise DataError(

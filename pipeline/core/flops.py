@@ -242,3 +242,20 @@ def count_variant_flops(run, variant: str) -> FlopCount | None:
         variant = exported[0]
     spec, cfg = run.spec_of(variant), run.model_config_of(variant)
     return count_flops(run.path(variant), [t.numpy() for t in spec.example_inputs(cfg, batch=1)])
+
+
+def torch_flops(module, inputs) -> float:
+    """FLOPs per row of a torch module (2 per multiply-accumulate), counted the way `count_flops` counts the
+    exported graph: a copy of the module runs on the meta device (no arithmetic, no memory) under torch's
+    FlopCounterMode, where RNNs and scaled_dot_product_attention decompose into the matmuls it counts (on the
+    CPU they are single kernels it does not see). `inputs`: example tensors of any batch size."""
+    import copy
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = copy.deepcopy(module).to("meta").eval()
+    args = tuple(t.to("meta") for t in inputs)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        meta(*args)
+    return float(counter.get_total_flops()) / max(int(args[0].shape[0]), 1)
