@@ -373,6 +373,7 @@ def prune_cmd(
     target_flops: Annotated[Optional[float], typer.Option("--target-flops", help=help_of(PruneConfig, "target_flops"))] = None,
     scope: Annotated[Optional[str], typer.Option("--scope", help=help_of(PruneConfig, "scope"))] = None,
     importance: Annotated[Optional[str], typer.Option("--importance", help=help_of(PruneConfig, "importance"))] = None,
+    taylor_samples: Annotated[Optional[int], typer.Option("--taylor-samples", min=1, help=help_of(PruneConfig, "taylor_samples"))] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=0, help=help_of(PruneConfig, "epochs"))] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help=help_of(PruneConfig, "lr"))] = None,
     soft_targets: Annotated[Optional[bool], typer.Option("--soft-targets/--hard-labels", help=help_of(PruneConfig, "soft_targets"))] = None,
@@ -391,7 +392,7 @@ def prune_cmd(
     run = _open(run_dir)
     ctx = _ctx(config, seed=seed, progress=not quiet, prune={
         "ratio": ratio, "target_params": target_params, "target_flops": target_flops, "scope": scope,
-        "importance": importance, "epochs": epochs, "lr": lr, "soft_targets": soft_targets,
+        "importance": importance, "taylor_samples": taylor_samples, "epochs": epochs, "lr": lr, "soft_targets": soft_targets,
         "temperature": temperature, "alpha": alpha, "max_accuracy_drop": max_drop, "resume": resume})
     for step in (stage_prune, stage_verify, stage_select):
         step(run, ctx)
@@ -411,6 +412,7 @@ def transfer_cmd(
     out: Annotated[Optional[Path], typer.Option("--run", help="The new run folder (default: RUN-transfer beside RUN).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help=help_of(TransferConfig, "epochs"))] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help=help_of(TransferConfig, "lr"))] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", min=1, help=help_of(TransferConfig, "patience"))] = None,
     scratch: Annotated[Optional[bool], typer.Option("--scratch/--no-scratch", help=help_of(TransferConfig, "scratch_baseline"))] = None,
     stages: Annotated[Optional[str], typer.Option("--stages", help="Stages to run on the new run folder afterwards: "
                                                   "'all' (every stage but train) or a list, e.g. export,optimize,quantize,verify,select.")] = None,
@@ -429,7 +431,8 @@ def transfer_cmd(
     if stages:
         wanted = [n for n in STAGE_NAMES if n != "train"] if stages.strip() == "all" else parse_stages(stages)
     ctx = _ctx(config, seed=seed, progress=not quiet, transfer={"freeze": freeze, "head": head, "epochs": epochs,
-                                                                 "lr": lr, "scratch_baseline": scratch})
+                                                                 "lr": lr, "patience": patience,
+                                                                 "scratch_baseline": scratch})
     ctx.data, ctx.limit, ctx.classes, ctx.per_class = data, limit, parse_classes(classes), per_class
     root = out or run_dir.parent / f"{run_dir.name}-transfer"
     run = transfer_run(run_dir, root, ctx, force=force, stages=wanted, on_stage=_stage_line(quiet))

@@ -329,6 +329,8 @@ class TransferConfig:
     epochs: int | None = setting(None, "Epochs (default: the model's tuned training epochs); the scratch twin gets "
                                        "the same.")
     lr: float | None = setting(None, "Learning rate (default: the model's tuned setting).")
+    patience: int | None = setting(None, "Epochs without a better validation accuracy before stopping (default: the "
+                                         "model's; a few-shot validation split is small and noisy).")
     seed: int = setting(0, "Seed of the new head, the batch order and the scratch twin's initialization.")
     scratch_baseline: bool = setting(True, "Also train the same architecture from scratch on the same data and "
                                            "epochs, to measure what the transfer bought.")
@@ -342,6 +344,8 @@ class TransferConfig:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"patience must be >= 1, got {self.patience}")
 
     def frozen_layers(self) -> str | int:
         """"backbone", "none" or the number of leading layers to freeze."""

@@ -32,6 +32,7 @@ after, the zeroed-weights check and the accuracies."""
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -50,6 +51,8 @@ from ..runfolder import Artifact, Run
 from .configs import PruneConfig
 from .distill import FALLBACK, kd_loss
 from .train import evaluate, fit, set_determinism, train_config_for
+
+log = logging.getLogger("onnxpipe")
 
 PRUNED_FILE = "pruned.pt"
 SEARCH_STEPS = 10            # bisection steps of a --target-* search over the ratio (resolution 1/1024)
@@ -396,7 +399,7 @@ def prune(run: Run, cfg: PruneConfig, ds: Dataset, *, source: str = "torch", pro
             return counts(net, spec, new_cfg)[kind]
     else:
         def cost(ratio: float) -> float:
-            return counts(tp_prune(model, spec, src_cfg, ratio, replace(cfg, importance="l1"), ds)[0], spec, src_cfg)[kind]
+            return counts(tp_prune(model, spec, src_cfg, ratio, cfg, ds)[0], spec, src_cfg)[kind]
 
     ratio = value if kind == "ratio" else search_ratio(cost, resolve_target(value, before[kind]), kind, before[kind])
 
@@ -454,7 +457,13 @@ def prune(run: Run, cfg: PruneConfig, ds: Dataset, *, source: str = "torch", pro
     model_record = {"name": spec.name, "config": asdict(new_cfg)}
     if history is not None:
         model_record["pruning_history"] = history
+    stale = [v for v in run.variants() if v != "pruned" and "pruned" in run.lineage(v)] if run.has("pruned") else []
+    if stale:
+        log.warning("re-pruning replaces variant pruned: removed %s, made from the previous pruned model "
+                    "(`onnxpipe prune` makes them again)", ", ".join(stale))
     with run.batch():
+        for v in stale:
+            run.remove_variant(v, stage=run.artifact(v).stage)
         art = run.add_artifact(
             "pruned", PRUNED_FILE, stage="prune", parent=source, format="torch", lossy=True, config=asdict(cfg),
             extra={"params": record["params_after"], "flops": record["flops_after"], "budget": cfg.budget.to_json()},

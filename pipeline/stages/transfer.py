@@ -107,7 +107,7 @@ def transfer(source: Run, root: Path, cfg: TransferConfig, ds: Dataset, *, force
     for name in frozen_names:
         params[name].requires_grad_(False)
     before = {name: params[name].detach().clone() for name in frozen_names}
-    train_cfg = train_config_for(spec, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed)
+    train_cfg = train_config_for(spec, epochs=cfg.epochs, lr=cfg.lr, patience=cfg.patience, seed=cfg.seed)
 
     lineage = {"run": str(source.root.resolve()), "variant": "torch", "sha256": art.sha256, "model": spec.name,
                "model_config": asdict(src_cfg), "accuracy": source.metrics("torch").get("accuracy"),
