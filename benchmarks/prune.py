@@ -41,8 +41,11 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="digits subset (smoke runs)")
     p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (1: stable on shared cores)")
     p.add_argument("--timing-runs", type=int, default=30)
+    p.add_argument("--no-speed", dest="speed", action="store_false", help="skip the ONNX export and timing of seed 0")
     p.add_argument("--out", type=Path, default=HERE / "prune.json")
     p.add_argument("--write", action="store_true", help="rewrite the prune section of RESULTS.md")
+    p.add_argument("--section", default="prune", help="the RESULTS.md section (marker name) to write")
+    p.add_argument("--render-only", action="store_true", help="rewrite the section from --out's JSON, measuring nothing")
     p.add_argument("--markdown", type=Path, default=RESULTS, help="the RESULTS.md to write into")
     return p.parse_args(argv)
 
@@ -148,7 +151,8 @@ def markdown(results: dict, command: str) -> str:
     from onnxpipe.runfolder import library_versions
 
     v = library_versions()
-    lines = ["## Pruning (benchmarks/prune.py)", "", "```bash", command, "```", "",
+    cases = ", ".join(k.replace(":", " ") for k in results["cases"])
+    lines = [f"## Pruning (benchmarks/prune.py): {cases}", "", "```bash", command, "```", "",
              f"Machine: {platform.processor() or platform.machine()}, {results['cores']} cores (shared; load average "
              f"{results['load']} at the end); torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, "
              f"torch threads {results['threads']}. Run {results['date']}, {results['seconds'] / 60:.0f} min.", "",
@@ -199,6 +203,16 @@ def markdown(results: dict, command: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render_only:
+        import json
+
+        results = json.loads(args.out.read_text())
+        results.setdefault("load", "-")
+        text = markdown(results, results.get("command", "python benchmarks/prune.py"))
+        print(text)
+        if args.write:
+            write_section(args.section, text, args.markdown)
+        return 0
     import torch
 
     torch.set_num_threads(args.threads)
@@ -219,10 +233,11 @@ def main(argv=None) -> int:
             onnx_dir.mkdir()
             for seed in seeds:
                 entry["seeds"].append(one_seed(model, size, seed, ratios, args, Path(tmp),
-                                               onnx_dir if seed == seeds[0] else None))
+                                               onnx_dir if seed == seeds[0] and args.speed else None))
             spec = get_model(model)
             cfg = spec.make_config(size=None if size == "default" else size)
-            entry["latency"] = timing(entry["seeds"][0].pop("files"), args.threads, args.timing_runs, spec, cfg)
+            files = entry["seeds"][0].pop("files")
+            entry["latency"] = timing(files, args.threads, args.timing_runs, spec, cfg) if files else {}
             for s in entry["seeds"]:
                 s.pop("files", None)
             entry["summary"] = summarize(entry, ratios)
@@ -230,12 +245,13 @@ def main(argv=None) -> int:
             write_json(args.out, {**results, "seconds": time.monotonic() - t0})   # partial results survive a kill
     results["seconds"] = time.monotonic() - t0
     results["load"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    write_json(args.out, results)
     command = "python benchmarks/prune.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    results["command"] = command.strip()
+    write_json(args.out, results)
     text = markdown(results, command.strip())
     print(text)
     if args.write:
-        write_section("prune", text, args.markdown)
+        write_section(args.section, text, args.markdown)
     return 0
 
 

@@ -5,7 +5,8 @@ Per seed: train the model on digits 0-4 (onnxpipe train --classes 0-4, all of it
 `onnxpipe transfer` it to digits 5-9 with K labelled training images per class (and at most K validation
 images per class; the 5-9 test split stays whole) twice: --freeze backbone (only the new head trains)
 and --freeze none (every layer fine-tunes). The scratch twin (same architecture, data, epochs and seed,
-random initialization) is trained beside the first. Writes benchmarks/transfer.json, the curves as
+random initialization) is trained beside each (deterministic: the two twins must agree), so both modes
+get a paired interval against it. Writes benchmarks/transfer.json, the curves as
 benchmarks/transfer_curves.png and, with --write, the "transfer" section of benchmarks/RESULTS.md.
 
     python benchmarks/transfer.py --write
@@ -44,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-epochs", default="2,5,15", help="also at K=10: these epoch budgets (where the gap closes "
                                                                "as training gets longer)")
     p.add_argument("--limit", type=int, default=None, help="digits subset of the source run (smoke runs)")
+    p.add_argument("--source-epochs", type=int, default=None, help="epochs of the source run (default: the model's tuned)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE / "transfer.json")
     p.add_argument("--plot", type=Path, default=HERE / "transfer_curves.png")
@@ -55,21 +57,23 @@ def parse_args(argv=None):
 def one_seed(model: str, seed: int, shots: list[int], args, work: Path) -> dict:
     from onnxpipe.orchestrate import Context, run_model, transfer_run
 
+    train = {"epochs": args.source_epochs} if args.source_epochs else {}
     src = run_model(model, work / f"{model}-04-{seed}", Context(seed=seed, limit=args.limit, classes=(0, 1, 2, 3, 4),
-                                                               progress=False), stages=["train"])
+                                                               progress=False, sections={"train": train}), stages=["train"])
     out = {"seed": seed, "source_accuracy": src.metrics("torch")["accuracy"], "shots": {}, "budget": {}}
 
     def three(k: int, epochs: int) -> dict:
         row = {}
         for mode, freeze, lr in (("frozen", "backbone", args.frozen_lr), ("fine-tuned", "none", None)):
-            section = {"freeze": freeze, "epochs": epochs, "patience": args.patience,
-                       "scratch_baseline": mode == "frozen", **({"lr": lr} if lr else {})}
+            section = {"freeze": freeze, "epochs": epochs, "patience": args.patience, "scratch_baseline": True,
+                       **({"lr": lr} if lr else {})}
             ctx = Context(seed=seed, classes=(5, 6, 7, 8, 9), per_class=k, progress=False, sections={"transfer": section})
             t = transfer_run(src.root, work / f"{model}-59-{seed}-{k}-{epochs}-{mode}", ctx).section("transfer")
-            row[mode] = {"accuracy": t["transferred_accuracy"], "epochs_run": t["epochs_run"]}
-            if mode == "frozen":
-                row["scratch"] = {"accuracy": t["scratch_accuracy"], "epochs_run": t["scratch_epochs_run"]}
-                row["frozen"]["gain"] = t["gain_vs_scratch"]
+            row[mode] = {"accuracy": t["transferred_accuracy"], "epochs_run": t["epochs_run"], "gain": t["gain_vs_scratch"]}
+            twin = {"accuracy": t["scratch_accuracy"], "epochs_run": t["scratch_epochs_run"]}
+            if "scratch" in row and row["scratch"] != twin:
+                raise SystemExit(f"the scratch twin is not deterministic: {row['scratch']} != {twin}")
+            row["scratch"] = twin
         print(f"{model} seed {seed} K={k} epochs {epochs}: frozen {row['frozen']['accuracy']:.4f} fine-tuned "
               f"{row['fine-tuned']['accuracy']:.4f} scratch {row['scratch']['accuracy']:.4f}", flush=True)
         return row
@@ -109,7 +113,10 @@ def plot(summary: dict, path: Path, model: str, seeds: list[int]) -> None:
                                                                "fine-tuned": "transferred, fine-tuned",
                                                                "scratch": "from scratch (twin)"}[mode])
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
     ax.set_xticks(shots, [str(k) for k in shots])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("labelled training images per class (digits 5-9)")
     ax.set_ylabel("test accuracy on 5-9")
     ax.set_title(f"{model}: trained on digits 0-4, transferred to 5-9 (mean ± sd, seeds {seeds})", fontsize=9)
@@ -147,14 +154,16 @@ def markdown(results: dict, command: str, plot_rel: str) -> str:
                          f"{c['fine-tuned']['mean']:.4f} ± {c['fine-tuned']['sd']:.4f} | "
                          f"{c['scratch']['mean']:.4f} ± {c['scratch']['sd']:.4f} | "
                          f"{c['frozen - scratch']['mean_pt']:+.2f} | {c['fine-tuned - scratch']['mean_pt']:+.2f} |")
-        cis = []
-        for s in r["seeds"]:
-            g = s["shots"].get("10", {}).get("frozen", {}).get("gain")
-            if g:
-                cis.append(f"seed {s['seed']}: {g['delta_pt']:+.2f} [{g['ci_pt'][0]:+.2f}, {g['ci_pt'][1]:+.2f}], "
-                           f"McNemar p={g['mcnemar_p']:.2g}")
-        if cis:
-            lines += ["", "Frozen - scratch at K=10, per seed (paired over the test rows, 95% CI): " + "; ".join(cis) + "."]
+        for mode in ("frozen", "fine-tuned"):
+            cis = []
+            for s in r["seeds"]:
+                g = s["shots"].get("10", {}).get(mode, {}).get("gain")
+                if g:
+                    cis.append(f"seed {s['seed']}: {g['delta_pt']:+.2f} [{g['ci_pt'][0]:+.2f}, {g['ci_pt'][1]:+.2f}], "
+                               f"McNemar p={g['mcnemar_p']:.2g}" + ("" if g["distinguishable"] else " (n.d.)"))
+            if cis:
+                lines += ["", f"{mode.capitalize()} - scratch at K=10, per seed (paired over the test rows, 95% CI; "
+                              "n.d.: not distinguishable from 0): " + "; ".join(cis) + "."]
         if r.get("budget_summary"):
             lines += ["", f"At K=10, by training budget (epochs; the table above uses {results['epochs']}):", "",
                       "| epochs | frozen backbone | fine-tuned | scratch twin | frozen - scratch (pt) | fine-tuned - scratch (pt) |",
