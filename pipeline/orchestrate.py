@@ -17,7 +17,7 @@ from .core.policy import POLICY, entry_verdict, policy_for
 from .errors import ConfigError, DataError, RunFolderError
 from .runfolder import Run
 from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig, PruneConfig,
-                             QuantizeConfig, SelectConfig, TrainConfig, VerifyConfig, build_config)
+                             QuantizeConfig, SelectConfig, TrainConfig, TransferConfig, VerifyConfig, build_config)
 
 log = logging.getLogger("onnxpipe")
 
@@ -292,7 +292,6 @@ def transfer_run(source_root: Path, root: Path, ctx: Context, *, force: bool = F
                  stages: list[str] | None = None, on_stage: Callable[[str, str], None] | None = None) -> Run:
     """`onnxpipe transfer`: the source run's model trained on ctx.data into a new run folder (keeping the
     source's normalization), then the named stages on it (train excepted: the transfer is its training)."""
-    from .stages.configs import TransferConfig
     from .stages.transfer import transfer
 
     source = Run.open(source_root)

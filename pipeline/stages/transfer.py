@@ -10,8 +10,8 @@ manifest names where it came from: `transfer.source` holds the source run folder
 variant's sha256, model and data. The new data keeps the source's normalization (the backbone was
 trained on inputs scaled that way).
 
-Measured, not assumed: the same architecture is also trained from scratch on the same data, epochs and
-seed (the twin), and `transfer` records both accuracies and the gain with its interval and McNemar
+Measured, not assumed: the same architecture is also trained from scratch on the same data, epochs, seed
+and training settings, learning rate included (the twin), and `transfer` records both accuracies and the gain with its interval and McNemar
 p-value. Frozen weights are checked bit for bit after training (a frozen layer that moved is an error),
 and frozen normalization layers keep their running statistics (they run in eval mode while training)."""
 from __future__ import annotations
