@@ -314,6 +314,7 @@ def quantize_cmd(
 def distill_cmd(
     run_dir: RunArg,
     student_scale: Annotated[Optional[float], typer.Option("--student-scale", help=help_of(DistillConfig, "student_scale"))] = None,
+    student_set: Annotated[Optional[list[str]], typer.Option("--student-set", help=help_of(DistillConfig, "student_set") + " Repeatable.")] = None,
     student_model: Annotated[Optional[str], typer.Option("--student-model", help=help_of(DistillConfig, "student_model"))] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help=help_of(DistillConfig, "temperature"))] = None,
     alpha: Annotated[Optional[float], typer.Option("--alpha", help=help_of(DistillConfig, "alpha"))] = None,
@@ -331,8 +332,11 @@ def distill_cmd(
     from .orchestrate import stage_distill, stage_select, stage_verify
 
     run = _open(run_dir)
+    from .stages.configs import parse_sets
+
     ctx = _ctx(config, seed=seed, progress=not quiet, distill={
-        "student_scale": student_scale, "student_model": student_model, "temperature": temperature, "alpha": alpha,
+        "student_scale": student_scale, "student_set": tuple(parse_sets(student_set).items()) or None,
+        "student_model": student_model, "temperature": temperature, "alpha": alpha,
         "mixup": mixup, "epochs": epochs, "max_accuracy_drop": max_drop, "scratch_baseline": scratch, "resume": resume})
     for step in (stage_distill, stage_verify, stage_select):
         step(run, ctx)

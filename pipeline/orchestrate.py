@@ -82,12 +82,14 @@ def prepare_run(model: str, root: Path, *, data: str = "digits", overrides: dict
         cfg = spec.make_config(overrides, size)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
-    ds = load_dataset(data, spec.family, image_size=getattr(cfg, "image_size", 28), num_classes=cfg.num_classes,
-                      seed=seed, limit=limit)
+    ds = load_dataset(data, spec.input_specs(cfg), num_classes=cfg.num_classes, seed=seed, limit=limit)
     try:
-        cfg = spec.adapt_to_data(cfg, ds.sample_shape)
+        cfg = spec.adapt_to_data(cfg, ds.sample_shapes)
     except ValueError as e:
         raise DataError(str(e)) from None
+    # Record the inputs as the adapted config has them (sequence lengths and widths from the data).
+    adapted = {s.name: s.to_json() for s in spec.input_specs(cfg)}
+    ds.info["inputs"] = [{**r, **adapted.get(r["name"], {})} for r in ds.info["inputs"]]
     extra = {"size": size or "default", **({"model_source": spec.source} if spec.source else {})}
     run = Run.create(root, spec.name, asdict(cfg), ds.info, force=force, extra=extra)
     return run, ds

@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from onnxpipe.cli import app
-from onnxpipe.core.data import _shape_for
+from onnxpipe.core.data import family_inputs, to_image
 from onnxpipe.errors import DataError
 from onnxpipe.stages.predict import load_inputs, predict_files
 from onnxpipe.runfolder import Run
@@ -28,7 +28,7 @@ def digit():
 
 def training_input(run: Run, raw8x8: np.ndarray) -> np.ndarray:
     norm = run.manifest["dataset"]["normalization"]
-    x = _shape_for(raw8x8[None], "image", 28, "digits") * norm["scale"]
+    x = to_image(raw8x8[None], family_inputs("image", 28)[0], "digits") * norm["scale"]
     return ((x - norm["mean"]) / norm["std"]).astype(np.float32)
 
 
@@ -112,6 +112,6 @@ def test_predict_and_training_normalize_identically(tmp_path):
     train_idx = stratified_split(y, (0.7, 0.1), seed=0)[0]
     np.save(tmp_path / "raw.npy", x[train_idx])
     got = load_inputs(run, tmp_path / "raw.npy", [None, None, 8], "tensor(float)", raw=True)
-    assert got.dtype == ds.x_train.dtype and got.tobytes() == ds.x_train.tobytes()
+    assert got.dtype == ds.x_train.first.dtype and got.tobytes() == ds.x_train.first.tobytes()
     again = load_dataset(f"npz:{tmp_path / 'data.npz'}", "sequence")
-    assert again.x_train.tobytes() == ds.x_train.tobytes()
+    assert again.x_train.first.tobytes() == ds.x_train.first.tobytes()

@@ -241,4 +241,4 @@ def count_variant_flops(run, variant: str) -> FlopCount | None:
             return None
         variant = exported[0]
     spec, cfg = run.spec_of(variant), run.model_config_of(variant)
-    return count_flops(run.path(variant), [t.numpy() for t in spec.example_inputs(cfg, batch=1)])
+    return count_flops(run.path(variant), [t.numpy() for t in spec.example_inputs(cfg, batch=1).values()])

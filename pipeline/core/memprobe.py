@@ -59,7 +59,7 @@ def measure_in_fresh_process(run_dir: Path, variant: str, inputs: list[np.ndarra
     """Run `probe` in a new Python process and return its result."""
     inputs_file = tmp / f"memprobe-inputs-{len(inputs[0])}.npz"
     if not inputs_file.exists():
-        np.savez(inputs_file, **{f"x{i}": x for i, x in enumerate(inputs)})
+        np.savez(inputs_file, **{f"x{i:03d}": x for i, x in enumerate(inputs)})  # name order = input order
     cmd = [sys.executable, "-m", "onnxpipe.core.memprobe", str(run_dir), variant, str(inputs_file),
            "--threads", str(threads), "--device", device]
     try:

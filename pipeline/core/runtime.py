@@ -15,6 +15,10 @@ from .timing import default_threads
 
 OPT_LEVELS = ("disable", "basic", "extended", "layout", "all")
 
+ORT_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64,
+                "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 
@@ -76,10 +80,12 @@ class Session:
     input_types: list[str] = field(default_factory=list)
 
     def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
-        feeds = {}
-        for name, kind, x in zip(self.input_names, self.input_types, inputs):
-            want = np.float16 if kind == "tensor(float16)" else np.int64 if kind == "tensor(int64)" else np.float32
-            feeds[name] = np.ascontiguousarray(x, dtype=want)
+        """Outputs for the inputs given in the graph's input order (each cast to the type the graph declares)."""
+        if len(inputs) != len(self.input_names):
+            raise ArtifactError(f"{self.path.name} takes {len(self.input_names)} input(s) "
+                                f"({', '.join(self.input_names)}), got {len(inputs)}")
+        feeds = {name: np.ascontiguousarray(x, dtype=ORT_NP_TYPES.get(kind, np.float32))
+                 for name, kind, x in zip(self.input_names, self.input_types, inputs)}
         return self.inner.run(self.output_names, feeds)
 
     def __call__(self, *inputs: np.ndarray) -> np.ndarray:

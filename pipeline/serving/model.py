@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.data import Rows
 from ..core.parity import compare_tensor, rows_are_independent
 from ..core.policy import POLICY
 from ..core.runtime import Session, make_session, resolve_providers
@@ -155,7 +156,7 @@ class ServedModel:
         try:
             with np.load(path, allow_pickle=False) as z:
                 labels = z["labels"] if "labels" in z.files else None
-                return z["inputs"], z["outputs"], labels, ref.get("variant", "torch")
+                return Rows.from_npz(z, ref.get("inputs")), z["outputs"], labels, ref.get("variant", "torch")
         except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise ArtifactError(f"reference file {path} cannot be read ({e}); {remake}") from None
 
@@ -164,7 +165,7 @@ class ServedModel:
         x = self._reference()[0][:8]
         if len(x) < 2:
             return
-        self.row_independent, moved = rows_are_independent(lambda a: self.session.run(a)[0], [x], POLICY.tensor)
+        self.row_independent, moved = rows_are_independent(lambda *a: self.session.run(*a)[0], x.arrays, POLICY.tensor)
         if not self.row_independent:
             log.warning("variant %s computes over the whole batch (a row's logits moved by %.3g when the other rows "
                         "changed; dynamic INT8 does this): requests are never batched across callers",
@@ -174,12 +175,13 @@ class ServedModel:
         """Replay the reference inputs (as one batch and one row at a time) and judge them by the rule verify
         used: the tensor tolerance for a lossless variant, the budget recorded along its lineage for a lossy one."""
         x, want, _labels, ref_variant = self._reference()
-        got = np.asarray(self.session.run(x)[0], np.float32)
-        rows = np.concatenate([np.asarray(self.session.run(x[i:i + 1])[0], np.float32) for i in range(len(x))])
+        got = np.asarray(self.session.run(*x.arrays)[0], np.float32)
+        rows = np.concatenate([np.asarray(self.session.run(*x[i].arrays)[0], np.float32) for i in range(len(x))])
         finite = bool(np.all(np.isfinite(got)) and np.all(np.isfinite(rows)))
         tol = POLICY.tensor
-        check = compare_tensor(want, got, output=self.outputs[0].name, shape=x.shape, atol=tol.atol, rtol=tol.rtol)
-        rowcheck = compare_tensor(want, rows, output=self.outputs[0].name, shape=x.shape, atol=tol.atol, rtol=tol.rtol)
+        shape = list(x.first.shape)
+        check = compare_tensor(want, got, output=self.outputs[0].name, shape=shape, atol=tol.atol, rtol=tol.rtol)
+        rowcheck = compare_tensor(want, rows, output=self.outputs[0].name, shape=shape, atol=tol.atol, rtol=tol.rtol)
         agreement = float(min((want.argmax(1) == got.argmax(1)).mean(), (want.argmax(1) == rows.argmax(1)).mean()))
         max_abs = max(check.max_abs, rowcheck.max_abs)
         if self.run.has(ref_variant) and self.run.is_lossy(ref_variant, self.variant):

@@ -152,6 +152,8 @@ class QuantizeConfig:
                                        "Budget: accuracy points a variant may lose vs its parent.")
     min_agreement: float = setting(POLICY.lossy.min_agreement, "Budget: top-1 agreement with the parent.")
     exclusion_rounds: int = setting(6, "Retries keeping the most sensitive nodes in FP32 (0: none).")
+    isolate: bool = setting(True, "Open each build in a child process first, so a native crash of ONNX Runtime "
+                                  "refuses that variant instead of ending the run.")
     seed: int = setting(0, "Seed of the calibration subset.")
 
     def __post_init__(self):
@@ -186,6 +188,7 @@ class QuantizeConfig:
         d = asdict(self)
         d["mode"] = mode
         d.pop("modes")
+        d.pop("isolate")
         if mode != "static":
             for k in ("calibration", "calib_samples", "activation_type"):
                 d.pop(k)
@@ -203,7 +206,9 @@ class DistillConfig:
     student_model: str | None = setting(None, "Another registered model of the same input family as the student, "
                                               "e.g. gru for a transformer teacher.")
     student_scale: float | None = setting(None, "Scale the teacher's width fields (0-1); default: the model's "
-                                                "declared student.")
+                                                "declared student (a user's factory without one: 0.5).")
+    student_set: tuple[tuple[str, str], ...] | None = setting(None, "KEY=VALUE settings of the student's config "
+                                                                    "(a factory's keyword arguments), after scaling.")
     # None: the student model's distill_defaults (tuned on digits over 3 seeds, benchmarks/distill.py).
     temperature: float | None = setting(None, "Softmax temperature T of the soft targets (loss scaled by T^2). "
                                               "Default: the student model's tuned value (4 for cnn, else 2).")
@@ -222,6 +227,10 @@ class DistillConfig:
     resume: bool = setting(False, "Continue the student's (and scratch twin's) training from their checkpoints.")
 
     def __post_init__(self):
+        if isinstance(self.student_set, dict):
+            object.__setattr__(self, "student_set", tuple(self.student_set.items()))
+        elif isinstance(self.student_set, list):
+            object.__setattr__(self, "student_set", tuple(tuple(x) for x in self.student_set))
         _finite("distill", temperature=self.temperature, alpha=self.alpha, lr=self.lr, mixup=self.mixup,
                 max_accuracy_drop=self.max_accuracy_drop, student_scale=self.student_scale)
         if self.temperature is not None and self.temperature <= 0:

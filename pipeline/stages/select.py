@@ -128,7 +128,7 @@ def input_signature(run: Run, variant: str) -> tuple:
 def example_batches(run: Run, variant: str, batches) -> dict[int, list[np.ndarray]]:
     """Random inputs of the variant's own network at its trained shape, per batch size."""
     spec, cfg = run.spec_of(variant), run.model_config_of(variant)
-    return {b: [np.ascontiguousarray(t.numpy()) for t in spec.example_inputs(cfg, batch=b)] for b in batches}
+    return {b: [np.ascontiguousarray(t.numpy()) for t in spec.example_inputs(cfg, batch=b).values()] for b in batches}
 
 
 def time_variants(run: Run, names: list[str], cfg: SelectConfig) -> dict[str, dict[str, object]]:
