@@ -77,7 +77,10 @@ class TransformerClassifier(nn.Module):
         """sequence: (N, T, F) floats or (N, T) ids; mask: (N, T) bool, True = real token."""
         x = self.embed(sequence)                           # (N, T, C)
         x = x + self.pos[: x.shape[1]]
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, T) broadcast over heads/queries
+        # (N, 1, T, T): every query row gets the key mask. Expanded rather than broadcast from (N, 1, 1, T):
+        # ONNX Runtime's Attention kernel requires the mask's query axis to match the queries.
+        T = x.shape[1]
+        attn_mask = None if mask is None else mask[:, None, None, :].expand(-1, 1, T, -1)
         for block in self.blocks:
             x = block(x, attn_mask)
         x = self.ln(x)

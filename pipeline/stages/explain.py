@@ -56,16 +56,22 @@ def integrated_gradients(model, x, target, baseline, steps: int = 32, max_rows: 
     return (x - baseline) * total / steps
 
 
-def token_embedding(model):
-    """The module that turns token ids into vectors: `model.embed`, else the largest nn.Embedding (the word
-    embeddings of a Hugging Face model); None if the model has none."""
+def token_embedding(model, forward, tokens):
+    """The nn.Embedding that reads the token ids (found by running `forward()` once and looking for the
+    embedding whose input is `tokens`: a Hugging Face model also has position and type embeddings);
+    None if no embedding reads them."""
     import torch
 
-    embed = getattr(model, "embed", None)
-    if isinstance(embed, torch.nn.Embedding):
-        return embed
-    found = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
-    return max(found, key=lambda m: m.num_embeddings, default=None)
+    seen: list = []
+    handles = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0])))
+               for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return next((mod for mod, ids in seen if ids.shape == tokens.shape and torch.equal(ids, tokens)), None)
 
 
 def embedding_integrated_gradients(forward, embed, target, steps: int = 32):
@@ -235,10 +241,6 @@ def explain(run: Run, cfg: ExplainConfig, ds: Dataset | None = None) -> dict:
 
     specs = run.spec_of("torch").input_specs(run.model_config_of("torch"))
     primary = next((s for s in specs if s.role in ("data", "tokens")), specs[0])
-    embed = token_embedding(model) if primary.role == "tokens" else None
-    if primary.role == "tokens":
-        method = "per-token " + ("integrated gradients through the embedding" if embed is not None else "occlusion")
-        method += " + attention maps (mean over heads)" if maps_available else ""
 
     out_groups = []
     for title, variant, indices in groups:
@@ -254,6 +256,11 @@ def explain(run: Run, cfg: ExplainConfig, ds: Dataset | None = None) -> dict:
             tiled = {o: v.repeat(k, *[1] * (v.ndim - 1)) for o, v in inputs.items() if o != name}
             return first_output(call_model(model, {**tiled, name: points}))
 
+        embed = None
+        if primary.role == "tokens":
+            embed = token_embedding(model, lambda: call_model(model, inputs), x)
+            method = "per-token " + ("integrated gradients through the embedding" if embed is not None else "occlusion")
+            method += " + attention maps (mean over heads)" if maps_available else ""
         if x.dtype.is_floating_point:
             baseline = x.amin(dim=tuple(range(1, x.ndim)), keepdim=True).expand_as(x) if family == "image" \
                 else torch.zeros_like(x)

@@ -113,8 +113,14 @@ def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, *, checkpoint: Path | N
     net = world.wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(ds.x_train) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=0.2)
+    total_steps = cfg.epochs * steps_per_epoch
+    # One-cycle needs at least one step to warm up over (pct_start * total > 1) and one to anneal: a very
+    # short training (a few batches) gets a longer warm-up share instead of a division by zero.
+    pct_start = 0.2 if 0.2 * total_steps >= 2 else min(0.75, 1.5 / max(total_steps, 1))
+    if total_steps >= 3:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct_start)
+    else:  # one or two steps in all: a constant learning rate
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "history": []}
     best_weights = {k: v.clone() for k, v in model.state_dict().items()}
     resumed_from = None
@@ -123,7 +129,8 @@ def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, *, checkpoint: Path | N
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        sched.total_steps = cfg.epochs * steps_per_epoch  # resuming with more epochs extends the schedule
+        if hasattr(sched, "total_steps"):
+            sched.total_steps = total_steps  # resuming with more epochs extends the schedule
         best_weights = {k: v.to(world.device) for k, v in ck["best_weights"].items()}
         state = {k: ck[k] for k in ("epoch", "best_val", "best_epoch", "history")}
         resumed_from = state["epoch"]
