@@ -142,6 +142,28 @@ def test_bert_predict_and_triton_take_every_input(bert, tmp_path):
     assert text.count("TYPE_INT64") == 2 and 'name: "attention_mask"' in text
 
 
+def test_an_imported_bert_takes_npz_data_by_input_name_and_is_quantized(bert, tmp_path):
+    """`onnxpipe import --data npz:` maps the file's arrays to the graph's inputs (ids and mask), so an
+    imported transformer is quantized and verified; `import --stages` takes --config like `run`."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    ids = d.images.reshape(len(d.images), -1).astype(np.int64)
+    np.savez(tmp_path / "tokens.npz", input_ids=ids, attention_mask=np.ones_like(ids), y=d.target)
+    (tmp_path / "exp.toml").write_text('[quantize]\nmodes = ["dynamic"]\nmax_accuracy_drop = 100.0\n'
+                                       'min_agreement = 0.0\nexclusion_rounds = 0\n[verify]\nbatches = [1, 7]\n')
+    r = CliRunner().invoke(app, ["import", str(bert.path("onnx")), "--run", str(tmp_path / "imported"), "--data",
+                                 f"npz:{tmp_path / 'tokens.npz'}", "--limit", "200", "--config", str(tmp_path / "exp.toml"),
+                                 "--stages", "optimize,quantize,verify", "--quiet"])
+    assert r.exit_code == 0, r.output
+    run = Run.open(tmp_path / "imported")
+    roles = {i["name"]: i["role"] for i in run.section("model_source")["inputs"]}
+    assert roles == {"input_ids": "tokens", "attention_mask": "mask"}
+    assert run.metrics("onnx")["accuracy"] is not None and run.has("int8_dynamic") and not run.has("fp16")
+    tensor_checks_pass(run)
+    assert any(p["candidate"] == "int8_dynamic" and p["rule"] == "task" for p in run.parity())
+
+
 # --- more transformers, vision models, user data -----------------------------------------------------
 
 @pytest.mark.parametrize("name", ["gpt2", "distilbert"])

@@ -267,6 +267,8 @@ def build_report(run: Run) -> Report:
           f"{m.get('size', 'default')}; data `{ds.get('source', '-')}` (train {split.get('train', '-')}, "
           f"validation {split.get('val', '-')}, test {split.get('test', '-')}). Selected variant: "
           f"**{m.get('selected') or 'none'}**.")
+    for text in (m.get("warnings") or {}).values():   # e.g. a root model at chance accuracy
+        rep.p(f"**Warning:** {text}")
     rep.p("Versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()) + ".")
     if m.get("timings"):
         rep.p("Stage times: " + ", ".join(f"{k} {v} s" for k, v in m["timings"].items()) + ".")
