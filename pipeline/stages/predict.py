@@ -44,7 +44,7 @@ def _dataset(run: Run) -> dict:
     return ds
 
 
-def _model_grid(run: Run) -> tuple[int, int]:
+def model_grid(run: Run) -> tuple[int, int]:
     """(height, width) an image must become: the image size, or (T, F) for a sequence model."""
     ds = _dataset(run)
     shape = ds.get("sample_shape") or []
@@ -112,7 +112,7 @@ def load_inputs(run: Run, path: Path, input_shape: list, input_type: str, *, raw
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         ds = _dataset(run)
-        x = load_image(path, _model_grid(run), native=NATIVE_SIZE.get(ds.get("source", "")), invert=invert)
+        x = load_image(path, model_grid(run), native=NATIVE_SIZE.get(ds.get("source", "")), invert=invert)
         x = normalize(x, ds["normalization"], unit=True)
         if ds.get("family") == "image":
             x = x[..., None] if ds.get("layout") == "nhwc" else x[None]   # the channel axis
