@@ -72,11 +72,12 @@ def probe_file(model_file: str, inputs_file: str, *, threads: int, opt_level: st
             "opt_level": opt_level, "import_rss_mb": round(import_rss, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
-def _in_fresh_process(args: list[str], what: str, inputs: list[np.ndarray], tmp: Path, timeout: float) -> dict:
+def _in_fresh_process(positional: list[str], options: list[str], what: str, inputs: list[np.ndarray], tmp: Path,
+                      timeout: float) -> dict:
     inputs_file = tmp / f"memprobe-inputs-{'x'.join(map(str, inputs[0].shape))}.npz"
     if not inputs_file.exists():
         np.savez(inputs_file, **{f"x{i}": x for i, x in enumerate(inputs)})
-    cmd = [sys.executable, "-m", "onnxpipe.core.memprobe", *args, str(inputs_file)]
+    cmd = [sys.executable, "-m", "onnxpipe.core.memprobe", *positional, str(inputs_file), *options]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -90,15 +91,15 @@ def _in_fresh_process(args: list[str], what: str, inputs: list[np.ndarray], tmp:
 def measure_in_fresh_process(run_dir: Path, variant: str, inputs: list[np.ndarray], *, threads: int, device: str,
                              tmp: Path, timeout: float = 300.0) -> dict:
     """Run `probe` in a new Python process and return its result."""
-    return _in_fresh_process([str(run_dir), variant, "--threads", str(threads), "--device", device],
+    return _in_fresh_process([str(run_dir), variant], ["--threads", str(threads), "--device", device],
                              f"variant {variant!r}", inputs, tmp, timeout)
 
 
 def measure_file_in_fresh_process(model_file: Path, inputs: list[np.ndarray], *, threads: int, tmp: Path,
                                   opt_level: str = "all", timeout: float = 300.0) -> dict:
     """Run `probe_file` in a new Python process and return its result."""
-    return _in_fresh_process(["--model", str(Path(model_file).resolve()), "--threads", str(threads),
-                              "--opt-level", opt_level], str(model_file), inputs, tmp, timeout)
+    return _in_fresh_process([], ["--model", str(Path(model_file).resolve()), "--threads", str(threads),
+                                  "--opt-level", opt_level], str(model_file), inputs, tmp, timeout)
 
 
 def main(argv: list[str] | None = None) -> None:
