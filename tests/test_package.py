@@ -179,6 +179,7 @@ def test_web_package_answers_every_reference_input_in_headless_chromium(model, r
     assert b["requests"] >= 5  # the page, its modules, config, model, wasm: all from the loopback server
     # the page's image path (grayscale, inversion, area average, bilinear, normalize) is Python's, bit for bit
     assert b["preprocessing"]["passed"] and b["preprocessing"]["max_abs_vs_python"] <= 1e-6
+    assert b["drawn_on_pad"].startswith("class ")  # a mouse stroke on the canvas went through the page's image path
     lat = b["latency_b1"]
     assert lat["browser_wasm_ms"] > 0 and lat["native_cpu_ms"] > 0 and lat["calls"] == 20 and lat["threads"] == 1
     shot = runs[model] / b["screenshot"]

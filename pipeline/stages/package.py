@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import sha256_file, write_bytes, write_json
+from ..core.data import denormalize
 from ..core.parity import ParityReport, compare_tensor, judge, shape_grid, tensor_parity
 from ..core.policy import POLICY
 from ..core.runtime import make_session
@@ -278,8 +279,7 @@ def _test_image(ref: dict, run: Run, path: Path) -> bool:
         gh, gw = model_grid(run)
     except Exception:  # a DataError: no image path for this model
         return False
-    norm = run.dataset_info["normalization"]
-    unit = np.clip(ref["inputs"][0].reshape(gh, gw) * norm["std"] + norm["mean"], 0.0, 1.0)
+    unit = np.clip(denormalize(ref["inputs"][0].reshape(gh, gw), run.dataset_info["normalization"]), 0.0, 1.0)
     big = np.kron(unit, np.ones((4, 4)))                     # 4x the grid, blocky like a scan
     ink = (255 * (1.0 - big)).astype(np.uint8)              # dark strokes on paper
     rgb = np.stack([ink, np.minimum(ink.astype(int) + 20, 255).astype(np.uint8), ink], axis=-1)
@@ -335,7 +335,7 @@ def check_web(run: Run, variant: str, folder: Path, cfg: PackageConfig, ref: dic
                 "execution_provider": "wasm", "wasm_threads": result["info"]["wasmThreads"],
                 "cross_origin_isolated": result["info"]["crossOriginIsolated"],
                 "rows": len(rows), "requests": len(result["requests"]), "offline": True,
-                "page_errors": result["errors"],
+                "page_errors": result["errors"], "drawn_on_pad": result.get("drawn"),
                 "latency_b1": {"browser_wasm_ms": result["bench"]["median_ms"], "browser_p90_ms": result["bench"]["p90_ms"],
                                "native_cpu_ms": timed.p50, "native_p90_ms": timed.p90, "calls": cfg.bench_calls,
                                "threads": cfg.threads,

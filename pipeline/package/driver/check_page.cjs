@@ -5,7 +5,8 @@
 // JOB.json: {url, executable, args, rows, row_dims, bench: {n, warmup}, preprocess: [{name, url}],
 //            screenshot, timeout_ms}. The page is opened at `url` (a loopback server onnxpipe runs), every row
 // is run alone through window.onnxpipe.runRows, the images are put through the page's preprocessing, the
-// first reference input is shown and screenshotted, and the latency of n calls is measured in the page.
+// latency of n calls is measured in the page, a stroke is drawn on the pad with the mouse (image models), and the
+// first reference input is shown and screenshotted.
 // playwright-core comes from the npm registry (NODE_PATH points at onnxpipe's npm cache); the browser is
 // the system's Chromium: nothing is downloaded here.
 "use strict";
@@ -39,9 +40,21 @@ async function main() {
     }
     const bench = await page.evaluate(([row, dims, n, warmup]) => window.onnxpipe.bench(row, [1, ...dims], n, warmup),
                                       [job.rows[0], job.row_dims, job.bench.n, job.bench.warmup]);
+    let drawn = null;
+    if (await page.isVisible("#pad")) {
+      // A person's stroke on the pad (a vertical bar, a "1"): pointer events -> the page's image path -> the model.
+      await page.click("#clear");
+      const box = await page.locator("#pad").boundingBox();
+      await page.mouse.move(box.x + box.width / 2, box.y + box.height * 0.15);
+      await page.mouse.down();
+      for (let i = 1; i <= 10; i++) await page.mouse.move(box.x + box.width / 2, box.y + box.height * (0.15 + 0.07 * i));
+      await page.mouse.up();
+      await page.waitForFunction(() => document.getElementById("answer").textContent.startsWith("class "));
+      drawn = await page.textContent("#answer");
+    }
     const shown = await page.evaluate((row) => window.onnxpipe.show(row), job.rows[0]);
     await page.screenshot({ path: job.screenshot, fullPage: true });
-    const result = { info, outputs: runs.outputs, call_ms: runs.ms, preprocess, bench, shown_logits: shown.logits,
+    const result = { info, outputs: runs.outputs, call_ms: runs.ms, preprocess, bench, shown_logits: shown.logits, drawn,
                      status: await page.textContent("#status"), errors, requests };
     fs.writeFileSync(resultFile, JSON.stringify(result));
   } finally {

@@ -122,7 +122,7 @@ export function imageToInput(rgba, width, height, cfg, { invert = "auto" } = {})
   return normalize(clipped, cfg.normalization, { unit: true });
 }
 
-// Back from model input to [0, 1] pixels, for drawing an example on the canvas.
+// Back from model input to [0, 1] pixels (core/data.py `denormalize`), for drawing an example on the canvas.
 export function denormalize(values, norm) {
   const out = new Float32Array(values.length);
   for (let i = 0; i < values.length; i++) {
