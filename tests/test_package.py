@@ -205,7 +205,7 @@ def test_a_lossy_variant_in_the_browser_is_judged_by_its_budget(runs, tmp_path):
              reload_dataset(run.dataset_info))
     pkg = package(run, PackageConfig(target="web", variant="int8_dynamic", check=True, bench_calls=10), tmp_path / "w")
     (p,) = pkg.info["parity"]
-    budget = POLICY.budget_between(run, "torch", "int8_dynamic")
+    budget = POLICY.budget_between(run, "onnx", "int8_dynamic")  # from the FP32 graph it came from
     assert p["rule"] == "task" and p["min_agreement"] == budget.min_agreement == 0.9  # the budget its lineage recorded
     assert p["passed"] and p["agreement"] >= 0.99  # the same INT8 graph: WASM agrees with the CPU EP
 
