@@ -70,7 +70,7 @@ def measure(run, variant: str, args) -> dict:
     from onnxpipe.core.runtime import make_session
     from onnxpipe.core.timing import time_predictors
     from onnxpipe.stages.configs import PackageConfig
-    from onnxpipe.stages.package import package
+    from onnxpipe.stages.package import load_reference, package
 
     pkgs = args.out / "packages"
     ort_pkg = package(run, PackageConfig(target="ort", variant=variant, force=True), pkgs / f"{run.model_name}-{variant}-ort")
@@ -80,7 +80,7 @@ def measure(run, variant: str, args) -> dict:
     files = {".onnx": (onnx_file, "all"), ".onnx ext": (onnx_file, "extended"), ".ort": (ort_file, "disable")}
     loads = time_loads(files, args.loads)
     sessions = {k: make_session(p, device="cpu", threads=1, opt_level=lvl, spinning=False) for k, (p, lvl) in files.items()}
-    ref = np.load(run.root / "reference.npz")["inputs"]
+    ref = load_reference(run)["inputs"]
     inputs = {1: [ref[:1]], 64: [np.resize(ref, (64, *ref.shape[1:]))]}
     lat = time_predictors(sessions, inputs, warmup=5, runs=args.runs, block=3)
     row = {"model": run.model_name, "variant": variant, "onnx_bytes": run.artifact(variant).bytes,

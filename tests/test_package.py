@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from onnxpipe.atomic import sha256_file
@@ -116,12 +115,13 @@ def test_the_package_runs_in_a_second_process_from_relative_paths(runs, tmp_path
             "m = json.load(open('edge/lstm/manifest.json'))\n"
             "s = ort.InferenceSession('edge/lstm/model.ort', providers=['CPUExecutionProvider'])\n"
             "z = np.load('runs/lstm/reference.npz')\n"
-            "y = s.run(None, {m['inputs'][0]['name']: z['inputs']})[0]\n"
+            "x = z['inputs'] if 'inputs' in z.files else z['input:' + m['inputs'][0]['name']]\n"
+            "y = s.run(None, {m['inputs'][0]['name']: x})[0]\n"
             "print(json.dumps({'max_abs': float(np.abs(y - z['outputs']).max()), 'rows': len(y)}))")
     probe = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr[-2000:]
     got = json.loads(probe.stdout)
-    assert got["rows"] == len(np.load(work / "runs/lstm/reference.npz")["inputs"]) and got["max_abs"] < POLICY.tensor.atol
+    assert got["rows"] == Run.open(work / "runs/lstm").section("reference")["rows"] and got["max_abs"] < POLICY.tensor.atol
     again = subprocess.run([sys.executable, "-m", "onnxpipe.cli", "package", "runs/lstm", "edge/lstm"], cwd=work,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and again.stderr.strip().splitlines() == [
@@ -171,9 +171,8 @@ def test_web_package_answers_every_reference_input_in_headless_chromium(model, r
     assert len(page["examples"]) == PackageConfig().examples
 
     (p,) = m["parity"]
-    ref = np.load(runs[model] / "reference.npz")
     assert p["reference"] == "onnx" and p["candidate"] == "web" and p["rule"] == "tensor" and p["passed"]
-    assert p["max_abs"] < POLICY.tensor.atol and m["browser"]["rows"] == len(ref["inputs"])
+    assert p["max_abs"] < POLICY.tensor.atol and m["browser"]["rows"] == run.section("reference")["rows"]
     b = m["browser"]
     assert "Chromium" in b["browser"] and b["execution_provider"] == "wasm" and b["offline"]
     assert b["requests"] >= 5  # the page, its modules, config, model, wasm: all from the loopback server

@@ -108,7 +108,11 @@ def load_reference(run: Run) -> dict | None:
                             remake=f"run `onnxpipe export {run.root}` again to record it")
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {"inputs": z["inputs"], "outputs": z["outputs"],
+            # one model input: "inputs" (schema 1), or the one "input:<name>" array of newer run folders
+            named = [k for k in z.files if k.startswith("input:")]
+            if "inputs" not in z.files and len(named) != 1:
+                raise ConfigError(f"{path} holds {len(named)} model inputs; packages take models with one input")
+            return {"inputs": z["inputs"] if "inputs" in z.files else z[named[0]], "outputs": z["outputs"],
                     "labels": z["labels"] if "labels" in z.files else None, "variant": ref.get("variant", "torch")}
     except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise ArtifactError(f"reference file {path} cannot be read ({e}); run `onnxpipe export {run.root}` again") from None
@@ -127,7 +131,8 @@ def _one_row(run: Run, variant: str, ref: dict | None) -> list[np.ndarray]:
     if ref is not None:
         return [np.ascontiguousarray(ref["inputs"][:1])]
     spec, cfg = run.spec_of(variant), run.model_config_of(variant)
-    return [np.ascontiguousarray(t.numpy()) for t in spec.example_inputs(cfg, batch=1)]
+    example = spec.example_inputs(cfg, batch=1)
+    return [np.ascontiguousarray(t.numpy()) for t in (example.values() if isinstance(example, dict) else example)]
 
 
 # --- the ORT format -----------------------------------------------------------------------------------
