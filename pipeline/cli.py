@@ -14,8 +14,8 @@ from typing import Annotated, Optional
 import typer
 
 from .serving.config import ServeConfig, TritonConfig
-from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig, QuantizeConfig,
-                             SelectConfig, TrainConfig, VerifyConfig, help_of)
+from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig, PackageConfig,
+                             QuantizeConfig, SelectConfig, TrainConfig, VerifyConfig, help_of)
 
 app = typer.Typer(
     help="Carry PyTorch models to verified, compressed ONNX Runtime deployments.\n\n"
@@ -32,7 +32,7 @@ DataOpt = Annotated[str, typer.Option("--data", help="digits (bundled, default),
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a model config field, e.g. --set d_model=256 (repeatable).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON or TOML file with sections [model], [train], "
                                                    "[export], [optimize], [quantize], [distill], [verify], [select], "
-                                                   "[bench], [explain]; flags override it.")]
+                                                   "[bench], [explain], [package]; flags override it.")]
 SizeOpt = Annotated[Optional[str], typer.Option("--size", help="Model size preset: default or base (bigger, for compression experiments).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the data split, initialization and batch order.")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use a seeded subset of N training samples (quick experiments).", min=1)]
@@ -365,26 +365,60 @@ def select_cmd(
     warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help=help_of(SelectConfig, "warmup"))] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=help_of(SelectConfig, "threads"))] = None,
     objective: Annotated[Optional[str], typer.Option("--objective", help=help_of(SelectConfig, "objective"))] = None,
+    max_bytes: Annotated[Optional[int], typer.Option("--max-bytes", min=1, help=help_of(SelectConfig, "max_bytes"))] = None,
+    max_rss_mb: Annotated[Optional[float], typer.Option("--max-rss-mb", help=help_of(SelectConfig, "max_rss_mb"))] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Time every ONNX variant here and mark the fastest one within budget as `selected`."""
+    """Time every ONNX variant here and mark the fastest one within budget (and the edge limits) as `selected`."""
     from .console import print_table
     from .stages.configs import parse_int_list
     from .stages.select import select
 
     run = _open(run_dir)
     ctx = _ctx(config, select={"batches": parse_int_list(batches, "--batches"), "runs": runs, "warmup": warmup,
-                               "threads": threads, "objective": objective})
+                               "threads": threads, "objective": objective, "max_bytes": max_bytes,
+                               "max_rss_mb": max_rss_mb})
     cfg = ctx.config(SelectConfig, "select")
     sel = select(run, cfg)
+    run.reload()
+    memory = cfg.max_rss_mb is not None
     rows = []
     for v in [*sel.ranking, *sel.excluded]:
         lat = run.metrics(v).get("latency_ms", {})
+        rss = (run.metrics(v).get("edge_memory") or {}).get("peak_rss_mb")
         rows.append({"variant": v, **{f"b{b} ms": lat.get(str(b)) for b in cfg.batches},
-                     "bytes": run.artifact(v).bytes, "selected": v == sel.selected, "note": sel.excluded.get(v, "")})
-    print_table(rows, ["variant", *[f"b{b} ms" for b in cfg.batches], "bytes", "selected", "note"],
+                     "bytes": run.artifact(v).bytes, "peak RSS MB": rss, "selected": v == sel.selected,
+                     "note": sel.excluded.get(v, "")})
+    print_table(rows, ["variant", *[f"b{b} ms" for b in cfg.batches], "bytes", *(["peak RSS MB"] if memory else []),
+                       "selected", "note"],
                 title=f"select: {run.root} (p50 latency, objective {cfg.objective})")
     typer.echo(f"selected: {sel.selected}")
+
+
+@app.command("package")
+@user_errors
+def package_cmd(
+    run_dir: RunArg,
+    out_dir: Annotated[Path, typer.Argument(help="The package folder to write (new, empty, or an earlier package with --force).")],
+    target: Annotated[Optional[str], typer.Option("--target", help=help_of(PackageConfig, "target"))] = None,
+    variant: VariantOpt = None,
+    check: Annotated[Optional[bool], typer.Option("--check", help=help_of(PackageConfig, "check"))] = None,
+    force: Annotated[Optional[bool], typer.Option("--force", help=help_of(PackageConfig, "force"))] = None,
+    ort_level: Annotated[Optional[str], typer.Option("--ort-level", help=help_of(PackageConfig, "ort_level"))] = None,
+    chromium: Annotated[Optional[str], typer.Option("--chromium", help=help_of(PackageConfig, "chromium"))] = None,
+    npm_cache: Annotated[Optional[str], typer.Option("--npm-cache", help=help_of(PackageConfig, "npm_cache"))] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help=help_of(PackageConfig, "timeout_s"))] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write a deployment folder for the edge: ORT format + reduced-build operator config, or a web page (WASM)."""
+    from .console import print_package
+    from .orchestrate import run_package
+
+    run = _open(run_dir)
+    ctx = _ctx(config, package={"target": target, "variant": variant, "check": check, "force": force,
+                                "ort_level": ort_level, "chromium": chromium, "npm_cache": npm_cache,
+                                "timeout_s": timeout})
+    print_package(run_package(run, ctx, out_dir))
 
 
 @app.command("import")

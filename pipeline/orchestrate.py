@@ -16,7 +16,7 @@ from .core.data import Dataset, load_dataset, reload_dataset
 from .core.policy import POLICY, entry_verdict, policy_for
 from .errors import ConfigError, DataError, RunFolderError
 from .runfolder import Run
-from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig,
+from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig, PackageConfig,
                              QuantizeConfig, SelectConfig, TrainConfig, VerifyConfig, build_config)
 
 log = logging.getLogger("onnxpipe")
@@ -195,6 +195,14 @@ def stage_report(run: Run, ctx: Context, *, divergence: bool = True) -> tuple[Pa
     if divergence and run.dataset_info:
         record_node_divergence(run, ctx.data_for(run))
     return write_report(run)
+
+
+def run_package(run: Run, ctx: Context, out: Path):
+    """`onnxpipe package RUN OUT`: not a step of `onnxpipe run` (it needs a destination), configured the same
+    way ([package] section, then flags; the model's own tolerances first)."""
+    from .stages.package import package
+
+    return package(run, ctx.config(PackageConfig, "package", run), out)
 
 
 StageFn = Callable[[Run, Context], Any]

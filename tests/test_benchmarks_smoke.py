@@ -54,3 +54,21 @@ def test_distill_benchmark_smoke(tmp_path):
     text = md.read_text()
     assert text.startswith("# Results\n\nHand-written notes stay.") and "| gru | gru |" in text
     assert text.count("<!-- distill:begin -->") == 1
+
+
+def test_edge_benchmark_smoke(tiny_run, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run("cnn"), runs / "cnn-default")          # reused: the script packages and measures it
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nHand-written notes stay.\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "edge.py"), "--models", "cnn", "--out", str(runs), "--runs", "2",
+           "--loads", "2", "--no-web", "--json", str(tmp_path / "edge.json"), "--markdown", str(md)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "edge.json").read_text())["rows"]
+    assert row["model"] == "cnn" and row["variant"] == "onnx" and row["ort_parity_max_abs"] < 1e-4
+    assert set(row["load_ms"]) == {".onnx", ".onnx ext", ".ort"} and all(v > 0 for v in row["load_ms"].values())
+    assert row["latency_ms"]["1"][".ort"] > 0 and row["peak_rss_mb"]["ort"] > 0
+    text = md.read_text()
+    assert text.startswith("# Results\n\nHand-written notes stay.") and text.count("<!-- edge:begin -->") == 1
+    assert "| cnn | onnx |" in text and "edge.py --models cnn" in text

@@ -239,6 +239,12 @@ def source_scale(x: np.ndarray, source: str) -> float:
     return 1.0
 
 
+def denormalize(x: np.ndarray, norm: dict) -> np.ndarray:
+    """`normalize(..., unit=True)` undone: model inputs back to pixels in [0, 1] (x * std + mean), for showing
+    an input as an image (the web package draws its examples this way)."""
+    return np.asarray(x, dtype=np.float32) * np.float32(norm["std"]) + np.float32(norm["mean"])
+
+
 def _check_labels(y: np.ndarray, num_classes: int, where: str) -> np.ndarray:
     if not np.issubdtype(y.dtype, np.integer):
         if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):

@@ -62,6 +62,15 @@ def _model_grid(spec) -> tuple[int, int]:
                     "(T, F) sequence models")
 
 
+def model_grid(run: Run, variant: str | None = None) -> tuple[int, int]:
+    """(height, width) an image must become for the run's (first) input: what the web package's page draws
+    into. The page draws gray images, so an image input must have one channel."""
+    spec = _primary(run.spec_of(variant).input_specs(run.model_config_of(variant)))
+    if spec.kind == "image" and spec.image_hwc()[2] != 1:
+        raise DataError(f"images need a 1-channel image model; this run's input {spec.name!r} takes {list(spec.shape)}")
+    return _model_grid(spec)
+
+
 def load_image(path: Path, grid: tuple[int, int], *, native: int | None = None, invert: str = "auto") -> np.ndarray:
     """An image file -> float32 (H, W) in [0, 1], light strokes on dark, at the model's grid."""
     from PIL import Image, ImageOps, UnidentifiedImageError

@@ -287,6 +287,7 @@ def build_report(run: Run) -> Report:
     _variants_section(rep, run, tables, source)
     _limits_section(rep, run)
     _parity_section(rep, run)
+    _packages_section(rep, run)
 
     rep.h("Plots")
     if tables:
@@ -403,6 +404,41 @@ def _parity_section(rep: Report, run: Run) -> None:
                      None if p.get("accuracy_drop") is None else f"{p['accuracy_drop']:.2f}",
                      len(p.get("shapes", [])), "; ".join(p.get("notes", []))])
     rep.table(["reference", "candidate", "rule", "result", "max abs", "agreement", "acc drop pt", "shapes", "notes"], rows)
+
+
+def _packages_section(rep: Report, run: Run) -> None:
+    """`onnxpipe package`: what was written for the edge, its parity, and the page in a real browser."""
+    packages = run.section("packages") or {}
+    if not packages:
+        return
+    rep.h("Edge packages")
+    rows = []
+    for key, p in packages.items():
+        lat = p.get("latency_b1") or {}
+        rss = p.get("peak_rss_mb") or {}
+        parity = p.get("parity") or []
+        verdict = "not run in a browser" if p["target"] == "web" and not p.get("checked_in_browser") else \
+            ("pass" if parity and all(parity) else "FAIL")
+        rows.append([p["target"], p["variant"], f"{p['bytes'] / 1024:.1f}", f"{p['model_bytes'] / 1024:.1f}",
+                     verdict, rss.get("ort"), rss.get("onnx"), fmt_ms(lat.get("browser_wasm_ms")),
+                     fmt_ms(lat.get("native_cpu_ms")), p["out"]])
+    rep.table(["target", "variant", "package KiB", "model KiB", "parity", "peak RSS MB (.ort)", "peak RSS MB (.onnx)",
+               "browser WASM ms b1", "native CPU ms b1", "folder"], rows)
+    rep.p("ort: the `.ort` file (loaded as a minimal build runs it) against the `.onnx` over the shape grid, and every "
+          "node listed in required_operators.config; peak RSS of a fresh process that loads the file and runs one row "
+          "on one thread. web: every reference input run in headless Chromium (onnxruntime-web, WASM, one thread) "
+          "against the CPU execution provider; latency at batch 1 is the median of calls timed in the page, beside "
+          "the same file on the native CPU provider with the same thread count.")
+    for key, p in packages.items():
+        if not p.get("screenshot"):
+            continue
+        path = run.file(p["screenshot"], what="package screenshot")
+        if not path.is_file():
+            rep.p(f"(missing screenshot {p['screenshot']}: run `onnxpipe package ... --target web --check` again)")
+            continue
+        rep.figure(Figure(Path(p["screenshot"]).name, path.read_bytes(),
+                          f"The web package of {p['variant']} in {p.get('browser', 'headless Chromium')}, after "
+                          "running the first reference input.", source_path=p["screenshot"]))
 
 
 def _explain_section(rep: Report, run: Run) -> None:

@@ -7,6 +7,9 @@ Rules (choose() is a pure function over recorded timings, so they are testable w
     so distillation students compete the moment their verdicts are recorded;
   - a lossy variant slower than its parent at any timed batch size is kept on disk, marked
     `slower_than_parent`, and never selected (it would trade accuracy for nothing);
+  - edge limits (`max_bytes`, `max_rss_mb`): a variant whose model file is larger, or whose fresh process
+    (load, one row, one thread) peaks above the memory limit, is excluded; when nothing is left, the
+    variant closest to the limits is named with how far it misses;
   - among the rest the lowest score wins; the default score is the geometric mean of the p50
     latencies over the batch sizes, so a 2x gain at batch 1 counts as much as a 2x gain at batch 64.
 The machine's CPU features and ONNX Runtime's thread settings are recorded beside the timings."""
@@ -36,10 +39,16 @@ class Selection:
     ranking: list[str] = field(default_factory=list)                  # eligible variants, best first
     excluded: dict[str, str] = field(default_factory=dict)            # variant -> why it cannot be selected
     slower_than_parent: dict[str, list[str]] = field(default_factory=dict)   # variant -> batch sizes
+    over_limits: dict[str, dict[str, float]] = field(default_factory=dict)   # variant -> {limit: how far over}
+    closest: str | None = None       # nothing fits the edge limits: the variant nearest to fitting them
+    why_none: str = ""               # why nothing was selected, in one sentence
 
     def to_json(self) -> dict:
-        return {"selected": self.selected, "scores_ms": {k: round(v, 5) for k, v in self.scores.items()},
-                "ranking": self.ranking, "excluded": self.excluded, "slower_than_parent": self.slower_than_parent}
+        d = {"selected": self.selected, "scores_ms": {k: round(v, 5) for k, v in self.scores.items()},
+             "ranking": self.ranking, "excluded": self.excluded, "slower_than_parent": self.slower_than_parent}
+        if self.over_limits:
+            d["over_limits"] = self.over_limits
+        return d
 
 
 def score(latency_ms: dict[str, float], objective: str = "geomean") -> float:
@@ -48,11 +57,43 @@ def score(latency_ms: dict[str, float], objective: str = "geomean") -> float:
     return latency_ms[objective]
 
 
-def choose(variants: dict[str, dict], objective: str = "geomean") -> Selection:
-    """Pick the fastest eligible variant from recorded timings.
+def _over(v: dict, max_bytes: int | None, max_rss_mb: float | None) -> dict[str, float]:
+    """{limit: amount over it} for one variant (a memory limit with no measurement counts as missed)."""
+    over = {}
+    if max_bytes is not None and v.get("bytes", 0) > max_bytes:
+        over["max_bytes"] = float(v["bytes"] - max_bytes)
+    if max_rss_mb is not None:
+        rss = v.get("peak_rss_mb")
+        if rss is None:
+            over["max_rss_mb"] = math.inf
+        elif rss > max_rss_mb:
+            over["max_rss_mb"] = float(rss - max_rss_mb)
+    return over
+
+
+def _limit_parts(v: dict, max_bytes: int | None, max_rss_mb: float | None) -> str:
+    """'110,759 bytes (10,759 over --max-bytes 100,000, 11%) and a peak RSS of ...' for one variant."""
+    parts = []
+    if max_bytes is not None:
+        b = v.get("bytes", 0)
+        parts.append(f"{b:,} bytes ({b - max_bytes:,} over --max-bytes {max_bytes:,}, {100 * (b / max_bytes - 1):.0f}%)"
+                     if b > max_bytes else f"{b:,} bytes (within --max-bytes)")
+    if max_rss_mb is not None:
+        rss = v.get("peak_rss_mb")
+        if rss is None:
+            parts.append("no measured peak RSS")
+        else:
+            parts.append(f"a peak RSS of {rss:.1f} MB ({rss - max_rss_mb:.1f} MB over --max-rss-mb {max_rss_mb:g})"
+                         if rss > max_rss_mb else f"a peak RSS of {rss:.1f} MB (within --max-rss-mb)")
+    return " and ".join(parts)
+
+
+def choose(variants: dict[str, dict], objective: str = "geomean", *, max_bytes: int | None = None,
+           max_rss_mb: float | None = None) -> Selection:
+    """Pick the fastest eligible variant from recorded numbers.
 
     `variants[name]` = {"latency_ms": {"1": p50, "64": p50}, "eligible": bool, "why": str (when not
-    eligible), "parent": str | None, "lossy": bool}."""
+    eligible), "parent": str | None, "lossy": bool, "bytes": int, "peak_rss_mb": float (with max_rss_mb)}."""
     sel = Selection(selected=None)
     for name, v in variants.items():
         parent = variants.get(v.get("parent") or "")
@@ -69,10 +110,30 @@ def choose(variants: dict[str, dict], objective: str = "geomean") -> Selection:
                                   f"{', '.join(sel.slower_than_parent[name])}")
         elif not v.get("latency_ms"):
             sel.excluded[name] = "not timed"
+        elif over := _over(v, max_bytes, max_rss_mb):
+            sel.over_limits[name] = over
+            sel.excluded[name] = "over the edge limits: " + _limit_parts(v, max_bytes, max_rss_mb)
         else:
             sel.scores[name] = score(v["latency_ms"], objective)
     sel.ranking = sorted(sel.scores, key=lambda n: (sel.scores[n], n))
     sel.selected = sel.ranking[0] if sel.ranking else None
+    if sel.selected is None and sel.over_limits:
+        def misfit(n: str) -> tuple:  # the worst overshoot relative to its limit, then the file size
+            v = variants[n]
+            ratios = [v.get("bytes", 0) / max_bytes] if max_bytes is not None else []
+            if max_rss_mb is not None:
+                ratios.append(math.inf if v.get("peak_rss_mb") is None else v["peak_rss_mb"] / max_rss_mb)
+            return max(ratios), v.get("bytes", 0), n
+
+        sel.closest = min(sel.over_limits, key=misfit)
+        limits = " and ".join(x for x in (max_bytes is not None and f"--max-bytes {max_bytes:,}",
+                                          max_rss_mb is not None and f"--max-rss-mb {max_rss_mb:g}") if x)
+        sel.why_none = (f"no variant within budget fits {limits}: "
+                        f"the smallest, {sel.closest}, has {_limit_parts(variants[sel.closest], max_bytes, max_rss_mb)}; "
+                        "raise the "
+                        "limit, or make a smaller variant (onnxpipe quantize, onnxpipe distill)")
+    elif sel.selected is None:
+        sel.why_none = "no ONNX variant may be selected: " + "; ".join(f"{v}: {why}" for v, why in sel.excluded.items())
     return sel
 
 
@@ -165,6 +226,30 @@ def row_independence(run: Run, names: list[str]) -> dict[str, tuple[bool, float]
     return out
 
 
+EDGE_ROWS, EDGE_THREADS = 1, 1     # the memory an edge deployment pays: one row at a time, one thread
+
+
+def edge_memory(run: Run, names: list[str]) -> dict[str, dict]:
+    """{variant: memory record}: peak RSS of a fresh process that loads the variant and runs one row on one
+    thread; a record measured on the same file (sha256) is reused, the others are measured now."""
+    import tempfile
+    from pathlib import Path
+
+    from ..core.memprobe import measure_in_fresh_process
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-select-") as tmp:
+        for v in names:
+            rec = run.metrics(v).get("edge_memory")
+            if not (isinstance(rec, dict) and rec.get("sha256") == run.artifact(v).sha256):
+                probe = measure_in_fresh_process(run.root, v, example_batches(run, v, (EDGE_ROWS,))[EDGE_ROWS],
+                                                 threads=EDGE_THREADS, device="cpu", tmp=Path(tmp))
+                rec = {"peak_rss_mb": probe["peak_rss_mb"], "import_rss_mb": probe["import_rss_mb"], "rows": EDGE_ROWS,
+                       "threads": EDGE_THREADS, "sha256": run.artifact(v).sha256}
+            out[v] = rec
+    return out
+
+
 def select(run: Run, cfg: SelectConfig, data=None) -> "Selection":
     """Time the run's ONNX variants, choose, and record timings, marks and the choice in the manifest."""
     names = [v for v in run.variants() if run.artifact(v).format == "onnx"]
@@ -176,11 +261,17 @@ def select(run: Run, cfg: SelectConfig, data=None) -> "Selection":
         art = run.artifact(v)
         ok, why = verdict(run, v)
         table[v] = {"latency_ms": {b: lat.p50 for b, lat in timings[v].items()}, "eligible": ok, "why": why,
-                    "parent": art.parent, "lossy": art.lossy}
-    sel = choose(table, cfg.objective)
+                    "parent": art.parent, "lossy": art.lossy, "bytes": art.bytes}
+    memory = edge_memory(run, [v for v in names if table[v]["eligible"]]) if cfg.max_rss_mb is not None else {}
+    for v, rec in memory.items():
+        table[v]["peak_rss_mb"] = rec["peak_rss_mb"]
+    sel = choose(table, cfg.objective, max_bytes=cfg.max_bytes, max_rss_mb=cfg.max_rss_mb)
+    if memory:
+        with run.batch():
+            for v, rec in memory.items():
+                run.set_metrics(v, edge_memory=rec)
     if sel.selected is None:
-        raise ArtifactError("no ONNX variant may be selected: " +
-                            "; ".join(f"{v}: {why}" for v, why in sel.excluded.items()))
+        raise ArtifactError(sel.why_none)
     rows = row_independence(run, names)
     notes = []
     if not rows[sel.selected][0]:
@@ -202,5 +293,7 @@ def select(run: Run, cfg: SelectConfig, data=None) -> "Selection":
             "timing": {"method": f"interleaved rounds, blocks of {TIMING_BLOCK} (first untimed), p50",
                        "warmup": cfg.warmup, "runs": cfg.runs, "min_seconds": cfg.min_seconds,
                        "inputs": "random, trained shape"},
-            "row_independent": rows[sel.selected][0], "notes": notes})
+            "row_independent": rows[sel.selected][0], "notes": notes,
+            "limits": {"max_bytes": cfg.max_bytes, "max_rss_mb": cfg.max_rss_mb,
+                       "memory": f"fresh process, {EDGE_ROWS} row, {EDGE_THREADS} thread" if memory else None}})
     return sel
