@@ -426,30 +426,48 @@ def show_cmd(run_dir: RunArg) -> None:
 
 # --- serving (pipeline/serving/, pipeline/stages/predict.py) ------------------------------------------
 
+def _serve_opt(field: str, flag: str | None = None, **kw):
+    """A `serve`/`tune` option whose help text (and default) is ServeConfig's."""
+    return typer.Option(flag or "--" + field.replace("_", "-"), help=help_of(ServeConfig, field), **kw)
+
+
 @app.command("serve")
 @user_errors
 def serve_cmd(
-    run_dir: RunArg,
+    run_dirs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders to serve, e.g. exports/cnn; several: several "
+                                                             "models, and runs of the same model are its versions 1, 2, ... in this order.")] = None,
+    repository: Annotated[Optional[Path], typer.Option("--repository", help="Serve every run folder under DIR: DIR/NAME "
+                                                        "(version 1) or DIR/NAME/N (version N), Triton's layout.")] = None,
     variant: VariantOpt = None,
-    host: Annotated[Optional[str], typer.Option("--host", help=help_of(ServeConfig, "host"))] = None,
-    port: Annotated[Optional[int], typer.Option("--port", help=help_of(ServeConfig, "port"))] = None,
+    host: Annotated[Optional[str], _serve_opt("host")] = None,
+    port: Annotated[Optional[int], _serve_opt("port")] = None,
+    grpc_port: Annotated[Optional[int], _serve_opt("grpc_port")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if ONNX Runtime has it, else CPU; the log says which), cpu, or cuda (an error if CUDA is not usable).")] = "auto",
-    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help=help_of(ServeConfig, "max_batch"))] = None,
-    max_delay_ms: Annotated[Optional[float], typer.Option("--max-delay-ms", help=help_of(ServeConfig, "max_delay_ms"))] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="ONNX Runtime intra-op threads (default: the cores this process may use).")] = None,
-    max_body_mb: Annotated[Optional[float], typer.Option("--max-body-mb", help=help_of(ServeConfig, "max_body_mb"))] = None,
+    max_batch: Annotated[Optional[int], _serve_opt("max_batch")] = None,
+    max_delay_ms: Annotated[Optional[float], _serve_opt("max_delay_ms")] = None,
+    threads: Annotated[Optional[int], _serve_opt("threads", min=1)] = None,
+    workers: Annotated[Optional[int], _serve_opt("workers")] = None,
+    max_body_mb: Annotated[Optional[float], _serve_opt("max_body_mb")] = None,
+    max_queue: Annotated[Optional[int], _serve_opt("max_queue")] = None,
+    max_inflight_mb: Annotated[Optional[float], _serve_opt("max_inflight_mb")] = None,
+    timeout_ms: Annotated[Optional[float], _serve_opt("timeout_ms")] = None,
+    header_timeout_s: Annotated[Optional[float], _serve_opt("header_timeout_s")] = None,
+    body_timeout_s: Annotated[Optional[float], _serve_opt("body_timeout_s")] = None,
+    shadow_rate: Annotated[Optional[float], _serve_opt("shadow_rate")] = None,
+    shadow_window: Annotated[Optional[int], _serve_opt("shadow_window")] = None,
+    poll_s: Annotated[Optional[float], _serve_opt("poll_s")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Model name in the URLs (default: the run's model, e.g. cnn).")] = None,
     access_log: Annotated[Optional[bool], typer.Option("--access-log/--no-access-log", help=help_of(ServeConfig, "access_log"))] = None,
 ) -> None:
-    """Serve a run's variant over the Open Inference Protocol (KServe v2 REST) until SIGTERM / Ctrl-C."""
-    from .serving.app import serve
-    from .serving.model import ServedModel
-    from .stages.configs import build_config
+    """Serve run folders over the Open Inference Protocol (KServe v2 REST, and gRPC with --grpc-port) until SIGTERM / Ctrl-C."""
+    from .serving.launch import main
 
-    cfg = build_config(ServeConfig, None, {"host": host, "port": port, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
-                                           "max_body_mb": max_body_mb, "access_log": access_log}, stage="serve")
-    model = ServedModel.prepare(_open(run_dir), variant, device=device, threads=threads, name=name)
-    raise typer.Exit(serve(model, cfg))
+    flags = {"host": host, "port": port, "grpc_port": grpc_port, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
+             "threads": threads, "workers": workers, "max_body_mb": max_body_mb, "max_queue": max_queue,
+             "max_inflight_mb": max_inflight_mb, "timeout_ms": timeout_ms, "header_timeout_s": header_timeout_s,
+             "body_timeout_s": body_timeout_s, "shadow_rate": shadow_rate, "shadow_window": shadow_window,
+             "poll_s": poll_s, "access_log": access_log}
+    raise typer.Exit(main(list(run_dirs or []), repository, variant=variant, name=name, device=device, flags=flags))
 
 
 @app.command("predict")

@@ -84,7 +84,7 @@ class ServedModel:
 
     @classmethod
     def prepare(cls, run: Run, variant: str | None = None, *, device: str = "auto", threads: int | None = None,
-                name: str | None = None) -> "ServedModel":
+                name: str | None = None, version: str = "1") -> "ServedModel":
         """Cheap checks that decide whether serving can start at all (raise OnnxpipeError): the variant
         exists and is an ONNX model, and the requested device has a provider."""
         variant = variant or run.selected
@@ -103,7 +103,7 @@ class ServedModel:
 
         vocab = asdict(run.model_config_of(variant)).get("vocab_size", 0)  # a real config field, not a derived default
         return cls(run=run, variant=variant, name=name or run.model_name, device=device, threads=threads,
-                   vocab_size=int(vocab or 0))
+                   version=str(version), vocab_size=int(vocab or 0))
 
     # --- loading -------------------------------------------------------------------------------------
     @property
