@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .serving.config import ServeConfig, TritonConfig
+from .serving.config import ServeConfig, TritonConfig, TuneConfig
 from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig, QuantizeConfig,
                              SelectConfig, TrainConfig, VerifyConfig, help_of)
 
@@ -470,6 +470,54 @@ def serve_cmd(
     raise typer.Exit(main(list(run_dirs or []), repository, variant=variant, name=name, device=device, flags=flags))
 
 
+@app.command("tune")
+@user_errors
+def tune_cmd(
+    run_dir: RunArg,
+    p99_ms: Annotated[Optional[float], typer.Option("--p99-ms", help=help_of(TuneConfig, "p99_ms"))] = None,
+    threads: Annotated[Optional[str], typer.Option("--threads", help=help_of(TuneConfig, "threads"))] = None,
+    workers: Annotated[Optional[str], typer.Option("--workers", help=help_of(TuneConfig, "workers"))] = None,
+    max_batch: Annotated[Optional[str], typer.Option("--max-batch", help=help_of(TuneConfig, "max_batch"))] = None,
+    max_delay_ms: Annotated[Optional[str], typer.Option("--max-delay-ms", help=help_of(TuneConfig, "max_delay_ms"))] = None,
+    concurrency: Annotated[Optional[str], typer.Option("--concurrency", help=help_of(TuneConfig, "concurrency"))] = None,
+    seconds: Annotated[Optional[float], typer.Option("--seconds", help=help_of(TuneConfig, "seconds"))] = None,
+    warmup_s: Annotated[Optional[float], typer.Option("--warmup-s", help=help_of(TuneConfig, "warmup_s"))] = None,
+    binary: Annotated[Optional[bool], typer.Option("--binary/--json", help=help_of(TuneConfig, "binary"))] = None,
+    batch: Annotated[Optional[int], typer.Option("--batch", help=help_of(TuneConfig, "batch"))] = None,
+    write: Annotated[Optional[bool], typer.Option("--write/--no-write", help=help_of(TuneConfig, "write"))] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda: the device the servers run on.")] = "cpu",
+) -> None:
+    """Sweep serving settings (threads, workers, max batch, max delay) with a bounded load on loopback; write the best
+    one whose p99 meets --p99-ms into the run (serve's and export-triton's defaults) and its plot into the report."""
+    from .console import print_table
+    from .serving.tune import tune
+    from .stages.configs import build_config, parse_float_list, parse_int_list
+    from .stages.report import write_report
+
+    cfg = build_config(TuneConfig, None, {
+        "p99_ms": p99_ms, "threads": parse_int_list(threads, "--threads", "1,2"),
+        "workers": parse_int_list(workers, "--workers", "1,2"), "max_batch": parse_int_list(max_batch, "--max-batch", "1,8,32"),
+        "max_delay_ms": parse_float_list(max_delay_ms, "--max-delay-ms"),
+        "concurrency": parse_int_list(concurrency, "--concurrency", "1,8,32"), "seconds": seconds, "warmup_s": warmup_s,
+        "binary": binary, "batch": batch, "write": write}, stage="tune")
+    run = _open(run_dir)
+    record = tune(run, cfg, device=device, progress=lambda line: typer.echo(line, err=True))
+    rows = [{"threads": p["setting"]["threads"], "workers": p["setting"]["workers"], "max batch": p["setting"]["max_batch"],
+             "delay ms": f"{p['setting']['max_delay_ms']:g}", "clients": p["concurrency"], "req/s": f"{p['rps']:.0f}",
+             "p50 ms": f"{p['p50_ms']:.2f}" if p["p50_ms"] is not None else "-",
+             "p99 ms": f"{p['p99_ms']:.2f}" if p["p99_ms"] is not None else "-",
+             "rows/call": p.get("rows_per_call", "-"), "errors": p["errors"] + p["non_200"]} for p in record["sweep"]]
+    print_table(rows, list(rows[0]), title=f"serving sweep of {run.root} (variant {record['variant']})")
+    s, c = record["settings"], record["chosen"]
+    typer.echo(f"chosen: threads {s['threads']}, workers {s['workers']}, max batch {s['max_batch']}, max delay "
+               f"{s['max_delay_ms']:g} ms: {c['rps']:.0f} req/s at {c['concurrency']} clients, p99 {c['p99_ms']:.2f} ms "
+               f"(target {record['p99_ms']:g} ms)")
+    if cfg.write:
+        page, _ = write_report(run)
+        typer.echo(f"written into {run.root}/manifest.json (section serving): `onnxpipe serve {run_dir}` and "
+                   f"`onnxpipe export-triton` now start from it; plot in {page}")
+
+
 @app.command("predict")
 @user_errors
 def predict_cmd(
@@ -507,12 +555,14 @@ def export_triton_cmd(
     force: Annotated[Optional[bool], typer.Option("--force", help=help_of(TritonConfig, "force"))] = None,
 ) -> None:
     """Write a Triton Inference Server model repository (config.pbtxt + 1/model.onnx) for scaling out."""
-    from .serving.triton import export_triton
+    from .serving.triton import export_triton, tuned_triton
     from .stages.configs import build_config
 
-    cfg = build_config(TritonConfig, None, {"name": name, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
-                                            "device": device, "instances": instances, "force": force}, stage="triton")
-    entry = export_triton(_open(run_dir), out_dir, variant, cfg)
+    run = _open(run_dir)
+    cfg = build_config(TritonConfig, tuned_triton(run), {"name": name, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
+                                                         "device": device, "instances": instances, "force": force},
+                       stage="triton")
+    entry = export_triton(run, out_dir, variant, cfg)
     typer.echo(f"wrote {entry}/config.pbtxt and {entry}/1/model.onnx; serve with "
                f"`tritonserver --model-repository {out_dir}`")
 

@@ -94,8 +94,8 @@ def _route_of(path: str) -> str:
 class Observe:
     """ASGI middleware: metrics and one JSON access-log line per request."""
 
-    def __init__(self, app, metrics: ServerMetrics, log_requests: bool):
-        self.app, self.metrics, self.log_requests = app, metrics, log_requests
+    def __init__(self, app, metrics: ServerMetrics, log_requests: bool, worker: int | None = None):
+        self.app, self.metrics, self.log_requests, self.worker = app, metrics, log_requests, worker
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -130,6 +130,8 @@ class Observe:
                     entry["rows"] = scope["onnxpipe.rows"]
                 if "onnxpipe.error" in scope:
                     entry["error"] = scope["onnxpipe.error"]
+                if self.worker is not None:
+                    entry["worker"] = self.worker
                 access_log.info(orjson.dumps(entry).decode())
 
 
@@ -187,12 +189,13 @@ def _sources_for(models: Sequence[ServedModel]) -> Sources:
 
 def create_app(models: ServedModel | Sequence[ServedModel], cfg: ServeConfig, *, load: Callable[[], None] | None = None,
                on_fatal: Callable[[BaseException], None] | None = None, sources: Sources | None = None,
-               peers=None) -> Observe:
+               peers=None, worker: int | None = None) -> Observe:
     """The ASGI app for one or several models. `load` (default: the first model's load) runs on a thread at
     start-up; `sources` says where load/reload find models (default: the given models' run folders);
     `peers` (workers.py) reaches the other workers for /metrics and the repository API."""
     models = [models] if isinstance(models, ServedModel) else list(models)
     metrics = ServerMetrics()
+    metrics.workers.set(1)
     first = models[0] if models else None
     repo = Repository(sources or _sources_for(models), cfg, metrics, models, load=load, on_fatal=on_fatal,
                       device=first.device if first else "auto", threads=first.threads if first else cfg.threads)
@@ -420,7 +423,7 @@ def create_app(models: ServedModel | Sequence[ServedModel], cfg: ServeConfig, *,
     if models:  # the first model's first deployment (tests and notebooks reach into it)
         dep = repo.table[models[0].name][models[0].version]
         app.state.model, app.state.batcher = dep.model, dep.batcher
-    observed = Observe(app, metrics, cfg.access_log)
+    observed = Observe(app, metrics, cfg.access_log, worker)
     observed.state = app.state
     return observed
 
@@ -488,15 +491,16 @@ class TimedHttpProtocol(HttpToolsProtocol):
 
 # --- running it ----------------------------------------------------------------------------------------
 
-def configure_logging() -> None:
+def configure_logging(prefix: str = "onnxpipe") -> None:
     """Server messages as text, the access log as one JSON object per line, both on stderr."""
-    for name, fmt in (("onnxpipe.serve", "%(asctime)s onnxpipe %(levelname)s %(message)s"),
+    for name, fmt in (("onnxpipe.serve", f"%(asctime)s {prefix} %(levelname)s %(message)s"),
                       ("onnxpipe.access", "%(message)s")):
         logger = logging.getLogger(name)
         if not logger.handlers:
             handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter(fmt))
             logger.addHandler(handler)
+        for handler in logger.handlers:
+            handler.setFormatter(logging.Formatter(fmt))
         logger.setLevel(logging.INFO)
         logger.propagate = False
 
@@ -594,11 +598,16 @@ def describe(models: Sequence[ServedModel], cfg: ServeConfig, host: str, port: i
 
 
 def serve(models: ServedModel | Sequence[ServedModel], cfg: ServeConfig, *, sources: Sources | None = None,
-          tuned: dict | None = None, sockets: list[socket.socket] | None = None, peers=None) -> int:
-    """Run the server until SIGTERM/SIGINT; returns the exit status (0 after a graceful shutdown)."""
-    configure_logging()
+          tuned: dict | None = None, sockets: list[socket.socket] | None = None, peers=None, worker: int | None = None,
+          quiet_start: bool = False) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit status (0 after a graceful shutdown).
+    `sockets`, `peers`, `worker`: a --workers process (workers.py) on the shared ports."""
+    if worker is None:
+        configure_logging()
     models = [models] if isinstance(models, ServedModel) else list(models)
     socks = sockets or [bind(cfg.host, cfg.port)]
+    if cfg.grpc_port and worker is None:  # a taken gRPC port is refused before anything starts
+        bind(cfg.host, cfg.grpc_port).close()
     fatal: list[BaseException] = []
     server = None
 
@@ -606,20 +615,16 @@ def serve(models: ServedModel | Sequence[ServedModel], cfg: ServeConfig, *, sour
         fatal.append(e)
         server.should_exit = True
 
-    app = create_app(models, cfg, on_fatal=stop_on_fatal, sources=sources, peers=peers)
+    app = create_app(models, cfg, on_fatal=stop_on_fatal, sources=sources, peers=peers, worker=worker)
     server = make_uvicorn_server(app, cfg)
     host, port = socks[0].getsockname()[:2]
-    if cfg.grpc_port is not None and cfg.grpc_port != 0:
-        grpc_port = cfg.grpc_port
-    else:
-        grpc_port = None
     original_startup = server.startup
 
     async def startup(*a, **kw):  # the gRPC port is known once the lifespan has started it
         await original_startup(*a, **kw)
-        for line in describe(models, cfg, host, port, app.state.grpc_port if cfg.grpc_port is not None else grpc_port,
-                             tuned):
-            log.info("%s", line)
+        if not quiet_start and server.started:
+            for line in describe(models, cfg, host, port, app.state.grpc_port, tuned):
+                log.info("%s", line)
 
     server.startup = startup
     try:
@@ -628,6 +633,9 @@ def serve(models: ServedModel | Sequence[ServedModel], cfg: ServeConfig, *, sour
         for s in socks:
             s.close()
     if fatal:
+        return 1
+    if not server.started:
+        log.error("the server did not start (see the lines above)")
         return 1
     log.info("shut down cleanly")
     return 0

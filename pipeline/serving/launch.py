@@ -2,10 +2,11 @@
 
 Everything that can be refused is refused here, before a port opens (one `error:` line, exit 1): a
 run folder without a selected ONNX variant, a --device cuda without CUDA, a bad setting. The
-settings flow one way: ServeConfig's defaults, then what `onnxpipe tune` wrote into the run (one run
-served), then the flags given."""
+settings flow one way: ServeConfig's defaults, then what `onnxpipe tune` wrote into the run (when
+one run is served), then the flags given."""
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -13,7 +14,7 @@ from ..runfolder import Run
 from ..stages.configs import build_config
 from .config import TUNED, ServeConfig
 from .model import ServedModel
-from .repository import Sources
+from .repository import Source, Sources
 
 
 def tuned_settings(run: Run) -> dict | None:
@@ -23,9 +24,23 @@ def tuned_settings(run: Run) -> dict | None:
     return {"settings": settings, "when": rec.get("when", "?")} if settings else None
 
 
+@dataclass
+class Plan:
+    """What to serve and how: picklable, so that --workers processes can each build their own models."""
+
+    sources: Sources
+    listed: list[Source]
+    cfg: ServeConfig
+    device: str
+    tuned: dict | None = None
+
+    def models(self) -> list[ServedModel]:
+        return [ServedModel.prepare(Run.open(s.root), s.variant, device=self.device, threads=self.cfg.threads,
+                                    name=s.name, version=s.version) for s in self.listed]
+
+
 def plan(run_dirs: list[Path], repository: Path | None, *, variant: str | None, name: str | None, device: str,
-         flags: dict) -> tuple[list[ServedModel], Sources, ServeConfig, dict | None]:
-    """(the models to serve, where reloads find them, the settings, the tuned settings applied)."""
+         flags: dict) -> Plan:
     from ..core import sources as _model_sources  # noqa: F401  (model-source resolvers)
 
     if bool(run_dirs) == (repository is not None):
@@ -40,37 +55,32 @@ def plan(run_dirs: list[Path], repository: Path | None, *, variant: str | None, 
         if not found:
             why = "; ".join(f"{p}: {w}" for p, w in skipped.items()) or "it is empty"
             raise ConfigError(f"no run folders in repository {repository}: {why}")
-        listed = [s for name_ in sorted(found) for s in found[name_]]
+        listed = [s for model in sorted(found) for s in found[model]]
     else:
         runs = [Run.open(r) for r in run_dirs]
-        names = [name or r.model_name for r in runs]
-        sources = Sources.from_runs(run_dirs, names, variant)
+        sources = Sources.from_runs(run_dirs, [name or r.model_name for r in runs], variant)
         listed = sources.fixed
-    tuned = None
-    if len(listed) == 1:
-        rec = tuned_settings(Run.open(listed[0].root))
-        if rec:
-            given = {k for k, v in flags.items() if v is not None}
-            applied = {k: v for k, v in rec["settings"].items() if k not in given}
-            tuned = {"when": rec["when"], "applied": applied} if applied else None
-            cfg = build_config(ServeConfig, applied, flags, stage="serve")
-        else:
-            cfg = build_config(ServeConfig, None, flags, stage="serve")
-    else:
-        cfg = build_config(ServeConfig, None, flags, stage="serve")
-    threads = cfg.threads
-    models = [ServedModel.prepare(Run.open(s.root), s.variant, device=device, threads=threads, name=s.name,
-                                  version=s.version) for s in listed]
-    return models, sources, cfg, tuned
+    tuned, section = None, None
+    if len(listed) == 1 and (rec := tuned_settings(Run.open(listed[0].root))):
+        given = {k for k, v in flags.items() if v is not None}
+        section = {k: v for k, v in rec["settings"].items() if k not in given}
+        tuned = {"when": rec["when"], "applied": section} if section else None
+    cfg = build_config(ServeConfig, section, flags, stage="serve")
+    if cfg.workers > 1 and cfg.threads is None:  # the cores are shared out among the workers
+        from ..core.timing import usable_cores
+
+        cfg = replace(cfg, threads=max(1, usable_cores() // cfg.workers))
+    return Plan(sources, listed, cfg, device, tuned)
 
 
 def main(run_dirs: list[Path], repository: Path | None, *, variant: str | None, name: str | None, device: str,
          flags: dict) -> int:
-    models, sources, cfg, tuned = plan(run_dirs, repository, variant=variant, name=name, device=device, flags=flags)
-    if cfg.workers > 1:
+    p = plan(run_dirs, repository, variant=variant, name=name, device=device, flags=flags)
+    models = p.models()   # every refusal (no variant, no CUDA, ...) happens here, before a port opens
+    if p.cfg.workers > 1:
         from .workers import supervise
 
-        return supervise(run_dirs, repository, variant=variant, name=name, device=device, cfg=cfg, tuned=tuned)
+        return supervise(p, models)
     from .app import serve
 
-    return serve(models, cfg, sources=sources, tuned=tuned)
+    return serve(models, p.cfg, sources=p.sources, tuned=p.tuned)
