@@ -93,3 +93,33 @@ def test_a_target_no_setting_meets_is_one_error_line_and_changes_nothing(copy_of
     assert re.search(r"error: no setting kept p99 <= 0.001 ms without errors; the lowest p99 measured was", r.output)
     rec = Run.open(root).section("serving")
     assert "settings" not in rec and len(rec["last_sweep"]["sweep"]) == 1
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_the_load_generator_reads_every_answer_whole(tiny_run, binary):
+    """Each closed-loop client's answers are framed right (binary answers carry two length headers) and correct."""
+    import numpy as np
+
+    from onnxpipe.core.runtime import make_session
+    from onnxpipe.serving import loadgen
+    from onnxpipe.serving.app import ServeConfig, serve_in_thread
+    from onnxpipe.serving.model import ServedModel
+
+    root = tiny_run("cnn")
+    x = np.load(root / "reference.npz")["inputs"][:1].astype(np.float32)
+    want = make_session(root / "model.onnx", device="cpu")(x)
+    seen = []
+
+    def check(head, body):
+        doc, blob = loadgen.split_answer(head, body)
+        out = doc["outputs"][0]
+        seen.append(np.asarray(out["data"], np.float32) if "data" in out else np.frombuffer(blob, "<f4"))
+
+    model = ServedModel.prepare(Run.open(root), device="cpu", threads=1)
+    with serve_in_thread(model, ServeConfig(port=0, access_log=False)) as (url, _):
+        assert model.wait_loaded(60)
+        port = int(url.rsplit(":", 1)[1])
+        r = loadgen.run_load("127.0.0.1", port, loadgen.infer_request("cnn", "image", x, binary=binary), 4, 0.5, check=check)
+    assert r.errors == 0 and r.ok == len(seen) == len(r.latencies_ms) > 10 and set(r.statuses) == {200}
+    for got in seen:
+        np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-5)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-_LENGTH = re.compile(rb"(?i)content-length:\s*(\d+)")
+_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)")
 
 
 def infer_request(model: str, input_name: str, x: np.ndarray, *, binary: bool = True, version: str | None = None,
@@ -63,12 +63,27 @@ class LoadResult:
                 "non_200": sum(n for s, n in self.statuses.items() if s != 200), "errors": self.errors}
 
 
-async def _read_answer(reader) -> tuple[int, bytes]:
+_HEADER_LENGTH = re.compile(rb"(?im)^inference-header-content-length:\s*(\d+)")
+
+
+async def read_answer(reader) -> tuple[int, bytes]:
+    status, _, body = await _read_full(reader)
+    return status, body
+
+
+async def _read_full(reader) -> tuple[int, bytes, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     m = _LENGTH.search(head)
     body = await reader.readexactly(int(m.group(1))) if m else b""
-    return status, body
+    return status, head, body
+
+
+def split_answer(head: bytes, body: bytes) -> tuple[dict, bytes]:
+    """(the answer's JSON, the binary outputs after it) of a KServe v2 infer answer."""
+    m = _HEADER_LENGTH.search(head)
+    n = int(m.group(1)) if m else len(body)
+    return json.loads(body[:n]), body[n:]
 
 
 async def _client(host: str, port: int, request: bytes, stop_at: float, result: LoadResult, timeout: float,
@@ -80,12 +95,12 @@ async def _client(host: str, port: int, request: bytes, stop_at: float, result: 
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
             writer.write(request)
-            status, body = await asyncio.wait_for(_read_answer(reader), timeout)
+            status, head, body = await asyncio.wait_for(_read_full(reader), timeout)
             result.statuses[status] = result.statuses.get(status, 0) + 1
             if status == 200:
                 result.latencies_ms.append((time.perf_counter() - t0) * 1000)
                 if check is not None:
-                    check(body)
+                    check(head, body)
             elif status in (503, 504):
                 await asyncio.sleep(0.001)
     except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
@@ -97,7 +112,8 @@ async def _client(host: str, port: int, request: bytes, stop_at: float, result: 
 
 async def drive(host: str, port: int, request: bytes, concurrency: int, seconds: float, *, timeout: float = 30.0,
                 check=None) -> LoadResult:
-    """`concurrency` closed-loop clients for `seconds` (on the running event loop)."""
+    """`concurrency` closed-loop clients for `seconds` (on the running event loop); check(head, body) is called
+    with every 200 answer."""
     result = LoadResult(concurrency, seconds)
     t0 = time.perf_counter()
     await asyncio.gather(*[_client(host, port, request, t0 + seconds, result, timeout, check)
