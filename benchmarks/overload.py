@@ -175,8 +175,9 @@ def part_big_bodies(run_dir, run, x, want, args) -> list[str]:
     rows = 30 * 2**20 // x[0].nbytes
     big = np.repeat(x, rows, axis=0)
     lines = []
+    per_row_json = len(loadgen.infer_request(run.model_name, name, x, binary=False)) / len(x)
     for kind in ("binary", "json"):
-        arr = big if kind == "binary" else big[: max(1, rows // 3)]   # ~30 MB of JSON text holds ~1/3 of the numbers
+        arr = big if kind == "binary" else big[: max(1, int(30 * 2**20 / per_row_json))]  # ~30 MB of JSON text
         req = loadgen.infer_request(run.model_name, name, arr, binary=kind == "binary")
         server = Server(run_dir)
         try:

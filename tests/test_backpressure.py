@@ -78,16 +78,19 @@ def test_a_full_queue_is_503_with_retry_after_at_once(tiny_run, x):
             second = pool.submit(httpx.post, url + "/v2/models/cnn/infer", timeout=30, **binary(x[1:2]))
             assert wait_for(lambda: app.state.batcher.queued == 1)   # queued behind it: the queue is full
             t0 = time.monotonic()
-            refused = httpx.post(url + "/v2/models/cnn/infer", timeout=30, **binary(x[2:3]))
+            keep = httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_connections=1))
+            refused = keep.post("/v2/models/cnn/infer", **binary(x[2:3]))
             assert time.monotonic() - t0 < 5  # not queued behind the gate
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-            assert "--max-queue" in refused.json()["error"]
+            assert "--max-queue" in refused.json()["error"] and refused.headers.get("connection") != "close"
             assert httpx.get(url + "/v2/health/live").status_code == 200   # probes are not queued
             gate.set()
             assert first.result().status_code == 200 and second.result().status_code == 200
         assert calls == [1, 1]  # the refused request never ran
         assert metric(url, r'onnxpipe_rejected_total\{model="cnn",reason="queue_full"\}') == 1
-        assert httpx.post(url + "/v2/models/cnn/infer", timeout=30, **binary(x[:1])).status_code == 200
+        assert metric(url, r'onnxpipe_requests_total\{route="infer",code="503"\}') == 1
+        assert keep.post("/v2/models/cnn/infer", **binary(x[:1])).status_code == 200   # the same connection goes on
+        keep.close()
 
 
 def test_bytes_in_flight_over_the_bound_is_503(tiny_run, x):
@@ -121,7 +124,7 @@ def test_a_deadline_is_504_and_the_queued_work_is_never_run(tiny_run, x):
         assert calls == [1]   # the 2-row request was dropped from the queue, never run
         assert metric(url, r'onnxpipe_dropped_total\{model="cnn",reason="deadline"\}') == 2
         ok = httpx.post(url + "/v2/models/cnn/infer", timeout=30, **binary(x[:2]))
-        assert ok.status_code == 200 and calls == [1, 2]
+        assert ok.status_code == 200 and calls == [1, 1, 1]   # 2 rows with --max-batch 1: two calls
 
 
 def test_a_client_that_disconnects_has_its_queued_work_dropped(tiny_run, x):
@@ -184,3 +187,33 @@ def test_the_batcher_does_not_wait_for_a_half_sent_request(tiny_run, x):
             lone = time.monotonic() - t0
         assert r.status_code == 200 and calls == [1]
         assert lone < 0.9, f"a lone request waited {lone:.3f} s: the batcher waited for the half-sent one"
+
+
+def test_a_request_larger_than_max_batch_runs_in_max_batch_row_calls():
+    """The model's working memory is that of max_batch rows whatever a request holds; a batch-dependent model
+    (merge_callers False) still runs a request in one call, as its answer must be its solo answer."""
+    import asyncio
+
+    from onnxpipe.serving.batcher import DynamicBatcher
+
+    for merge, want_calls in ((True, [4, 4, 2]), (False, [10])):
+        calls = []
+
+        def run(arrays):
+            calls.append(len(arrays[0]))
+            return [arrays[0] * 2, arrays[0].sum(1, keepdims=True)]
+
+        batcher = DynamicBatcher(run, max_batch=4, max_delay_s=0.0)
+        batcher.merge_callers = merge
+        x = np.arange(30, dtype=np.float32).reshape(10, 3)
+
+        async def main():
+            batcher.start()
+            out = await batcher.submit([x])
+            await batcher.stop()
+            return out
+
+        doubled, sums = asyncio.run(main())
+        assert calls == want_calls
+        np.testing.assert_array_equal(doubled, x * 2)
+        np.testing.assert_array_equal(sums, x.sum(1, keepdims=True))

@@ -151,7 +151,7 @@ def test_a_grpc_deadline_drops_the_queued_work(served):
             time.sleep(0.01)
         inp3 = grpcclient.InferInput("image", [3, 1, 28, 28], "FP32")
         inp3.set_data_from_numpy(x[:3])
-        with pytest.raises(Exception, match="Deadline"):
+        with pytest.raises(Exception, match="(?i)deadline"):   # the client's own deadline or our 504 first
             c.infer("cnn", [inp3], client_timeout=0.3)
         gate.set()
         first.join(30)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import sys
 import threading
@@ -41,7 +42,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from ..errors import ConfigError
 from .batcher import InferenceError
@@ -383,6 +384,55 @@ def create_app(models: ServedModel | Sequence[ServedModel], cfg: ServeConfig, *,
     async def snapshot(request: Request):
         return JSONResponse(metrics.snapshot())
 
+    ready_page = {True: orjson.dumps({"ready": True})}
+    infer_path = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+
+    def fast_lane(method: bytes, path: str, headers: list) -> tuple[int, bytes, dict, bool] | None:
+        """Answers the connection gives itself, without the ASGI app: liveness and readiness, and the refusal of
+        an infer request that cannot be admitted (full queue, bytes in flight). Under overload these are most
+        of the requests; answered here they cost a fraction of a full request, so probes stay fast and the
+        requests that are admitted keep the CPU. Returns (status, body, headers, close) or None."""
+        t0 = time.perf_counter()
+        if method == b"GET" and path == "/v2/health/live":
+            status, body, extra, route = 200, b'{"live":true}', {}, "live"
+        elif method == b"GET" and path == "/v2/health/ready":
+            ok, reason = repo.readiness()
+            status, body, extra, route = (200, ready_page[True], {}, "ready") if ok else \
+                (400, orjson.dumps({"ready": False, "error": reason}), {}, "ready")
+        elif method == b"POST" and (m := infer_path.match(path)):
+            try:
+                dep = repo.resolve(m.group(1), m.group(2))
+            except RequestError:
+                return None
+            if not dep.ready:
+                return None
+            found = {k: v for k, v in headers if k in (b"content-length", HEADER_LENGTH.encode())}
+            declared = found.get(b"content-length", b"0")
+            if not declared.isdigit():
+                return None
+            refused = repo.refusal(dep, int(declared), HEADER_LENGTH.encode() not in found)
+            if refused is None:
+                return None
+            status, route = 503, "infer"
+            body = orjson.dumps({"error": str(refused)})
+            extra = {"retry-after": str(refused.retry_after)}
+            metrics.model_requests.inc(*dep.labels, "rest", 503)
+        else:
+            return None
+        seconds = time.perf_counter() - t0
+        metrics.requests.inc(route, status)
+        metrics.latency.observe(seconds, route)
+        if cfg.access_log:
+            entry = {"ts": round(time.time(), 6), "method": method.decode(), "path": path, "status": status,
+                     "ms": round(seconds * 1000, 3), "bytes_out": len(body)}
+            if status >= 400:
+                entry["error"] = orjson.loads(body)["error"]
+            if worker is not None:
+                entry["worker"] = worker
+            access_log.info(orjson.dumps(entry).decode())
+        close = route == "infer" and int(declared) > CLOSE_AFTER
+        return status, body, extra, close
+
     async def http_error(request: Request, exc: HTTPException):
         if exc.status_code == 404:
             names = repo.names()
@@ -425,6 +475,7 @@ def create_app(models: ServedModel | Sequence[ServedModel], cfg: ServeConfig, *,
         app.state.model, app.state.batcher = dep.model, dep.batcher
     observed = Observe(app, metrics, cfg.access_log, worker)
     observed.state = app.state
+    observed.fast_lane = fast_lane
     return observed
 
 
@@ -437,6 +488,8 @@ class TimedHttpProtocol(HttpToolsProtocol):
 
     header_timeout = 10.0
     body_timeout = 60.0
+    fast_lane = None   # create_app's fast_lane: answers given here, without an ASGI task
+    _fast = False      # the request being read was answered by the fast lane: its body is discarded
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -457,16 +510,47 @@ class TimedHttpProtocol(HttpToolsProtocol):
         self._arm(self.header_timeout, "headers")
 
     def on_headers_complete(self) -> None:
+        if self.fast_lane is not None and (self.cycle is None or self.cycle.response_complete) and not self.pipeline:
+            import httptools
+
+            path = httptools.parse_url(self.url).path.decode("ascii", "replace")
+            answer = self.fast_lane(self.parser.get_method(), path, self.headers)
+            if answer is not None:
+                status, body, extra, close = answer
+                close = close or not self.parser.should_keep_alive()
+                head = [STATUS_LINE[status], b"content-type: application/json\r\ncontent-length: ",
+                        str(len(body)).encode(), b"\r\n"]
+                head += [f"{k}: {v}\r\n".encode() for k, v in extra.items()]
+                head.append(b"connection: close\r\n\r\n" if close else b"\r\n")
+                self.transport.write(b"".join(head) + body)
+                if close:
+                    self.transport.close()
+                    return
+                self._fast = True
+                self._arm(self.body_timeout, "body")  # a body still to come is read and discarded, in time
+                return
         super().on_headers_complete()
         self._arm(self.body_timeout, "body")
 
+    def on_body(self, body: bytes) -> None:
+        if not self._fast:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
-        super().on_message_complete()
         self._disarm()
+        if self._fast:
+            self._fast = False
+            self.server_state.total_requests += 1
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            return
+        super().on_message_complete()
 
     def _timed_out(self, what: str) -> None:
         self._read_timer = None
         if self.transport.is_closing():
+            return
+        if self._fast:  # answered already; the rest of its body did not come in time
+            self.transport.close()
             return
         cycle = self.cycle
         if what == "body" and cycle is not None and not cycle.response_complete:
@@ -548,7 +632,8 @@ def make_uvicorn_server(app, cfg: ServeConfig):
                     signal.signal(s, h)
 
     protocol = type("Protocol", (TimedHttpProtocol,), {"header_timeout": cfg.header_timeout_s,
-                                                        "body_timeout": cfg.body_timeout_s})
+                                                        "body_timeout": cfg.body_timeout_s,
+                                                        "fast_lane": staticmethod(app.fast_lane)})
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=protocol,
                             timeout_graceful_shutdown=int(cfg.graceful_timeout_s), server_header=False)
     return GracefulServer(config)

@@ -10,7 +10,9 @@ loop keeps accepting and parsing requests while the model runs. Policy:
   bodies have fully arrived are being decoded (`arriving`), so a lone request runs at once and a
   client that is slow to send its body delays nobody;
 - requests that arrive while the model runs wait for the next batch (one model call at a time);
-- a request larger than `max_batch` runs alone, in one call;
+- a request larger than `max_batch` runs alone, in calls of at most `max_batch` rows whose outputs are
+  put back together (so the model's working memory stays that of `max_batch` rows, whatever a request
+  holds); a batch-dependent model (below) runs it in one call, as its answer must be its solo answer;
 - a request whose caller stopped waiting (its deadline passed, or the client disconnected: its future
   is done) is dropped from the queue unrun;
 - if a merged call fails, each request is retried alone, so one bad request cannot fail others;
@@ -182,7 +184,12 @@ class DynamicBatcher:
         """On the worker thread: merge the requests' inputs, run the model, check the batch axis."""
         inputs = per_request[0] if len(per_request) == 1 else [
             np.concatenate([r[i] for r in per_request]) for i in range(len(per_request[0]))]
-        outputs = self.run_batch(inputs)
+        if rows > self.max_batch and self.merge_callers:  # one large request: in max_batch-row calls
+            parts = [self.run_batch([a[start:start + self.max_batch] for a in inputs])
+                     for start in range(0, rows, self.max_batch)]
+            outputs = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+        else:
+            outputs = self.run_batch(inputs)
         bad = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != rows]
         if bad:
             raise InferenceError(f"the model returned outputs shaped {bad} for a batch of {rows} rows")

@@ -343,17 +343,25 @@ class Repository:
                 f"{cost / 2**20:.1f} MB more, over --max-inflight-mb {self.cfg.max_inflight_mb:g}; retry after "
                 f"{RETRY_AFTER_S} s")
 
-    def admit(self, dep: Deployment, body_bytes: int, json_body: bool) -> Ticket:
-        """A place in `dep`'s queue and `body_bytes` of the in-flight budget, or Overloaded at once."""
+    def refusal(self, dep: Deployment, body_bytes: int, json_body: bool) -> Overloaded | None:
+        """Why a request for `dep` with a body of `body_bytes` must be refused now (counted), or None."""
         if dep.pending >= self.cfg.max_queue:
             self.metrics.rejected.inc(dep.model.name, "queue_full")
-            raise Overloaded(f"server busy: model {dep.model.name!r} version {dep.model.version} has {dep.pending} "
-                             f"requests waiting, the most --max-queue allows; retry after {RETRY_AFTER_S} s",
-                             "queue_full")
+            return Overloaded(f"server busy: model {dep.model.name!r} version {dep.model.version} has {dep.pending} "
+                              f"requests waiting, the most --max-queue allows; retry after {RETRY_AFTER_S} s",
+                              "queue_full")
         cost = body_bytes * (JSON_COST if json_body else 1)
         if self.inflight_bytes and self.inflight_bytes + cost > self.cfg.max_inflight_bytes:
             self.metrics.rejected.inc(dep.model.name, "inflight_bytes")
-            raise Overloaded(self.bytes_message(cost), "inflight_bytes")
+            return Overloaded(self.bytes_message(cost), "inflight_bytes")
+        return None
+
+    def admit(self, dep: Deployment, body_bytes: int, json_body: bool) -> Ticket:
+        """A place in `dep`'s queue and `body_bytes` of the in-flight budget, or Overloaded at once."""
+        refused = self.refusal(dep, body_bytes, json_body)
+        if refused is not None:
+            raise refused
+        cost = body_bytes * (JSON_COST if json_body else 1)
         dep.pending += 1
         self.inflight_bytes += cost
         self.metrics.model_queue.set(dep.pending, *dep.labels)
