@@ -528,6 +528,9 @@ class TimedHttpProtocol(HttpToolsProtocol):
                     return
                 self._fast = True
                 self._arm(self.body_timeout, "body")  # a body still to come is read and discarded, in time
+                if status == 503:  # hold the client to its Retry-After: this connection is not read meanwhile,
+                    self.flow.pause_reading()  # so a client retrying at once cannot flood the event loop
+                    self.loop.call_later(float(extra.get("retry-after", 1)), self.flow.resume_reading)
                 return
         super().on_headers_complete()
         self._arm(self.body_timeout, "body")
