@@ -67,16 +67,30 @@ _HEADER_LENGTH = re.compile(rb"(?im)^inference-header-content-length:\s*(\d+)")
 
 
 async def read_answer(reader) -> tuple[int, bytes]:
-    status, _, body = await _read_full(reader)
+    status, _, body = await read_full(reader)
     return status, body
 
 
-async def _read_full(reader) -> tuple[int, bytes, bytes]:
+_CHUNKED = re.compile(rb"(?im)^transfer-encoding:\s*chunked")
+
+
+async def read_full(reader) -> tuple[int, bytes, bytes]:
+    """(status, head, body) of one answer: a Content-Length body or a chunked one."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     m = _LENGTH.search(head)
-    body = await reader.readexactly(int(m.group(1))) if m else b""
-    return status, head, body
+    if m:
+        return status, head, await reader.readexactly(int(m.group(1)))
+    if not _CHUNKED.search(head):
+        return status, head, b""
+    parts = []
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return status, head, b"".join(parts)
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
 
 
 def split_answer(head: bytes, body: bytes) -> tuple[dict, bytes]:
@@ -95,7 +109,7 @@ async def _client(host: str, port: int, request: bytes, stop_at: float, result: 
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
             writer.write(request)
-            status, head, body = await asyncio.wait_for(_read_full(reader), timeout)
+            status, head, body = await asyncio.wait_for(read_full(reader), timeout)
             result.statuses[status] = result.statuses.get(status, 0) + 1
             if status == 200:
                 result.latencies_ms.append((time.perf_counter() - t0) * 1000)
