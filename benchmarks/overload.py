@@ -125,6 +125,19 @@ def answer_checker(want: np.ndarray, counts: dict):
     return check
 
 
+def part_idle(run_dir, run, x, want, args) -> list[str]:
+    """The liveness probe against an idle server: what this machine's other load alone costs a probe."""
+    server = Server(run_dir)
+    try:
+        with Prober(server) as prober:
+            time.sleep(args.seconds)
+            probe = prober.finish()
+    finally:
+        server.stop()
+    return [f"Baseline, idle server for {args.seconds:g} s: {probe['live_probes']} liveness probes, max "
+            f"{probe['live_max_ms']:.1f} ms, p99 {probe['live_p99_ms']:.1f} ms (the machine's other load only)."]
+
+
 def part_overload(run_dir, run, x, want, args) -> list[str]:
     name = make_session(run.path(run.selected), device="cpu", threads=1).input_names[0]
     req = loadgen.infer_request(run.model_name, name, x, binary=True)
@@ -132,10 +145,12 @@ def part_overload(run_dir, run, x, want, args) -> list[str]:
     try:
         cap = loadgen.run_load("127.0.0.1", server.port, req, 32, 3.0)
         counts = {"checked": 0, "wrong": 0}
+        lag0 = loop_lag(server)
         with Prober(server) as prober:
             res = loadgen.run_load("127.0.0.1", server.port, req, args.connections, args.seconds, timeout=60,
                                    check=answer_checker(want, counts))
             probe = prober.finish()
+        lag = loop_lag(server) - lag0
     finally:
         server.stop()
     offered = sum(res.statuses.values()) / res.seconds
@@ -148,7 +163,21 @@ def part_overload(run_dir, run, x, want, args) -> list[str]:
             f"{counts['checked']}, wrong: {counts['wrong']}; liveness: {probe['live_probes']} probes, max "
             f"{probe['live_max_ms']:.1f} ms, p99 {probe['live_p99_ms']:.1f} ms, failed {probe['live_failed']} "
             f"(target within 50 ms: {'met' if probe['live_max_ms'] <= 50 and not probe['live_failed'] else 'missed'}); "
-            f"RSS {probe['rss_start_mb']:.0f} -> peak {probe['rss_peak_mb']:.0f} MB."]
+            f"RSS {probe['rss_start_mb']:.0f} -> peak {probe['rss_peak_mb']:.0f} MB; the server's event loop ran "
+            f"its 50 ms timer late by more than 10 ms {lag[0]:.0f} times, by more than 50 ms {lag[1]:.0f} times, of "
+            f"{lag[2]:.0f}."]
+
+
+def loop_lag(server: Server) -> np.ndarray:
+    """(timer checks late by > 10 ms, by > 50 ms, all checks) from onnxpipe_event_loop_lag_seconds."""
+    import re
+
+    text = server.get("/metrics")
+    def bucket(le):
+        m = re.search(rf'^onnxpipe_event_loop_lag_seconds_bucket\{{le="{le}"\}} (\S+)$', text, re.M)
+        return float(m.group(1)) if m else 0.0
+    total = bucket("+Inf")
+    return np.array([total - bucket("0.01"), total - bucket("0.05"), total])
 
 
 async def _big(port: int, request: bytes) -> int:
@@ -279,8 +308,9 @@ def part_slow(run_dir, run, x, want, args) -> list[str]:
     server = Server(run_dir, "--header-timeout-s", "2", "--body-timeout-s", "2")
     out = []
     try:
-        for what, first in (("half the headers", b"POST /v2/models/x/infer HTTP/1.1\r\nHost: a\r\n"),
-                            ("half the body", b"POST /v2/models/x/infer HTTP/1.1\r\nHost: a\r\nContent-Length: 9000\r\n\r\n{")):
+        path = f"/v2/models/{run.model_name}/infer".encode()
+        for what, first in (("half the headers", b"POST " + path + b" HTTP/1.1\r\nHost: a\r\n"),
+                            ("half the body", b"POST " + path + b" HTTP/1.1\r\nHost: a\r\nContent-Length: 9000\r\n\r\n{")):
             t0 = time.perf_counter()
             with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
                 s.sendall(first)
@@ -320,7 +350,7 @@ def part_slow(run_dir, run, x, want, args) -> list[str]:
     return out
 
 
-PARTS = {"overload": part_overload, "big": part_big_bodies, "connections": part_connections,
+PARTS = {"idle": part_idle, "overload": part_overload, "big": part_big_bodies, "connections": part_connections,
          "json-liveness": part_json_liveness, "slow": part_slow}
 
 

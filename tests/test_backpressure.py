@@ -217,3 +217,18 @@ def test_a_request_larger_than_max_batch_runs_in_max_batch_row_calls():
         assert calls == want_calls
         np.testing.assert_array_equal(doubled, x * 2)
         np.testing.assert_array_equal(sums, x.sum(1, keepdims=True))
+
+
+def test_the_server_never_imports_torch(tiny_run):
+    """torch's few hundred thousand objects would make every full garbage collection of the server take ~0.1 s
+    (a stall every request on the event loop waits out, health probes included)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom onnxpipe.serving.launch import plan\n"
+            f"p = plan([{str(tiny_run('cnn'))!r}], None, variant=None, name=None, device='cpu', flags={{}})\n"
+            "m = p.models()[0]\nimport onnxpipe.serving.app, onnxpipe.serving.grpc_server\nm.load()\n"
+            "assert m.ready, m.error\nprint(sorted(k for k in ('torch', 'sklearn', 'matplotlib') if k in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"

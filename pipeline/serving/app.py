@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import socket
 import sys
@@ -447,14 +448,23 @@ def create_app(models: ServedModel | Sequence[ServedModel], cfg: ServeConfig, *,
 
     grpc_holder = {}
 
+    async def watch_the_loop():
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + 0.05
+            await asyncio.sleep(0.05)
+            metrics.loop_lag.observe(max(0.0, loop.time() - due))
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         repo.start()
+        lag = asyncio.get_running_loop().create_task(watch_the_loop())
         if cfg.grpc_port is not None:
             from .grpc_server import start_grpc
 
             grpc_holder["server"], app.state.grpc_port = await start_grpc(repo, cfg, metrics, server_info)
         yield
+        lag.cancel()
         if "server" in grpc_holder:
             await grpc_holder["server"].stop(cfg.graceful_timeout_s)
         await repo.stop(cfg.graceful_timeout_s)  # in-flight requests have finished by now
@@ -529,8 +539,10 @@ class TimedHttpProtocol(HttpToolsProtocol):
                 self._fast = True
                 self._arm(self.body_timeout, "body")  # a body still to come is read and discarded, in time
                 if status == 503:  # hold the client to its Retry-After: this connection is not read meanwhile,
-                    self.flow.pause_reading()  # so a client retrying at once cannot flood the event loop
-                    self.loop.call_later(float(extra.get("retry-after", 1)), self.flow.resume_reading)
+                    self.flow.pause_reading()  # so a client retrying at once cannot flood the event loop; the
+                    # jitter keeps the connections refused together from all coming back in the same instant
+                    self.loop.call_later(float(extra.get("retry-after", 1)) * (1 + 0.5 * random.random()),
+                                         self.flow.resume_reading)
                 return
         super().on_headers_complete()
         self._arm(self.body_timeout, "body")
@@ -710,6 +722,9 @@ def serve(models: ServedModel | Sequence[ServedModel], cfg: ServeConfig, *, sour
 
     async def startup(*a, **kw):  # the gRPC port is known once the lifespan has started it
         await original_startup(*a, **kw)
+        import gc
+
+        gc.freeze()  # what start-up made lives as long as the server: full collections need not walk it again
         if not quiet_start and server.started:
             for line in describe(models, cfg, host, port, app.state.grpc_port, tuned):
                 log.info("%s", line)

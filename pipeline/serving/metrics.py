@@ -207,6 +207,9 @@ class ServerMetrics:
                                    combine="max")
         self.shadow_within = Gauge("onnxpipe_shadow_within_budget", "1 while the rolling agreement meets the budget.",
                                    M, lock, combine="min")
+        self.loop_lag = Histogram("onnxpipe_event_loop_lag_seconds", "How late the event loop ran a timer due every "
+                                  "50 ms: the wait any request (a health probe too) can have before it is read.", (),
+                                  lock, LATENCY_BUCKETS)
         self.grpc_requests = Counter("onnxpipe_grpc_requests_total", "gRPC calls by method and status code.",
                                      ("method", "code"), lock)
         self.grpc_latency = Histogram("onnxpipe_grpc_request_duration_seconds", "gRPC call latency in the handler.",
