@@ -552,16 +552,20 @@ def export_triton_cmd(
     max_delay_ms: Annotated[Optional[float], typer.Option("--max-delay-ms", help=help_of(TritonConfig, "max_delay_ms"))] = None,
     device: Annotated[Optional[str], typer.Option("--device", help=help_of(TritonConfig, "device"))] = None,
     instances: Annotated[Optional[int], typer.Option("--instances", help=help_of(TritonConfig, "instances"))] = None,
+    preferred_batch: Annotated[Optional[str], typer.Option("--preferred-batch", help=help_of(TritonConfig, "preferred_batch"))] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help=help_of(TritonConfig, "threads"))] = None,
     force: Annotated[Optional[bool], typer.Option("--force", help=help_of(TritonConfig, "force"))] = None,
 ) -> None:
-    """Write a Triton Inference Server model repository (config.pbtxt + 1/model.onnx) for scaling out."""
+    """Write a Triton Inference Server model repository (config.pbtxt + 1/model.onnx) for scaling out; after
+    `onnxpipe tune RUN`, with the measured instance count, preferred batch size, queue delay and threads."""
     from .serving.triton import export_triton, tuned_triton
-    from .stages.configs import build_config
+    from .stages.configs import build_config, parse_int_list
 
     run = _open(run_dir)
-    cfg = build_config(TritonConfig, tuned_triton(run), {"name": name, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
-                                                         "device": device, "instances": instances, "force": force},
-                       stage="triton")
+    cfg = build_config(TritonConfig, tuned_triton(run), {
+        "name": name, "max_batch": max_batch, "max_delay_ms": max_delay_ms, "device": device, "instances": instances,
+        "preferred_batch": parse_int_list(preferred_batch, "--preferred-batch", "8,32"), "threads": threads,
+        "force": force}, stage="triton")
     entry = export_triton(run, out_dir, variant, cfg)
     typer.echo(f"wrote {entry}/config.pbtxt and {entry}/1/model.onnx; serve with "
                f"`tritonserver --model-repository {out_dir}`")

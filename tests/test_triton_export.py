@@ -91,3 +91,15 @@ def test_every_input_and_output_of_the_onnx_file_is_in_the_config_with_its_datat
             dims = [[d if isinstance(d, int) else -1 for d in t.shape] for t in ours]
             want = [(t.name, pb.DataType.Value(ORT_TO_TRITON[t.type]), d[1:] if max_batch else d) for t, d in zip(ours, dims)]
             assert [(t.name, t.data_type, list(t.dims)) for t in theirs] == want
+
+
+def test_preferred_batch_sizes_and_threads_from_the_command_line(tiny_run, tmp_path):
+    r = CliRunner().invoke(app, ["export-triton", str(tiny_run("cnn")), str(tmp_path), "--max-batch", "8",
+                                 "--preferred-batch", "4,8", "--threads", "2", "--instances", "2"])
+    assert r.exit_code == 0, r.output
+    cfg, _ = parse((tmp_path / "cnn" / "config.pbtxt").read_text())
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8] and cfg.instance_group[0].count == 2
+    assert cfg.parameters["intra_op_thread_count"].string_value == "2"
+    bad = CliRunner().invoke(app, ["export-triton", str(tiny_run("cnn")), str(tmp_path / "x"), "--max-batch", "8",
+                                   "--preferred-batch", "16"])
+    assert bad.exit_code == 1 and "must be in 1..max_batch (8)" in bad.output
