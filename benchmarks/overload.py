@@ -174,7 +174,7 @@ def loop_lag(server: Server) -> np.ndarray:
 
     text = server.get("/metrics")
     def bucket(le):
-        m = re.search(rf'^onnxpipe_event_loop_lag_seconds_bucket\{{le="{le}"\}} (\S+)$', text, re.M)
+        m = re.search(rf'^onnxpipe_event_loop_lag_seconds_bucket\{{le="{re.escape(le)}"\}} (\S+)$', text, re.M)
         return float(m.group(1)) if m else 0.0
     total = bucket("+Inf")
     return np.array([total - bucket("0.01"), total - bucket("0.05"), total])

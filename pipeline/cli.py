@@ -484,6 +484,7 @@ def tune_cmd(
     warmup_s: Annotated[Optional[float], typer.Option("--warmup-s", help=help_of(TuneConfig, "warmup_s"))] = None,
     binary: Annotated[Optional[bool], typer.Option("--binary/--json", help=help_of(TuneConfig, "binary"))] = None,
     batch: Annotated[Optional[int], typer.Option("--batch", help=help_of(TuneConfig, "batch"))] = None,
+    confirm: Annotated[Optional[int], typer.Option("--confirm", help=help_of(TuneConfig, "confirm"))] = None,
     write: Annotated[Optional[bool], typer.Option("--write/--no-write", help=help_of(TuneConfig, "write"))] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda: the device the servers run on.")] = "cpu",
 ) -> None:
@@ -499,7 +500,7 @@ def tune_cmd(
         "workers": parse_int_list(workers, "--workers", "1,2"), "max_batch": parse_int_list(max_batch, "--max-batch", "1,8,32"),
         "max_delay_ms": parse_float_list(max_delay_ms, "--max-delay-ms"),
         "concurrency": parse_int_list(concurrency, "--concurrency", "1,8,32"), "seconds": seconds, "warmup_s": warmup_s,
-        "binary": binary, "batch": batch, "write": write}, stage="tune")
+        "binary": binary, "batch": batch, "confirm": confirm, "write": write}, stage="tune")
     run = _open(run_dir)
     record = tune(run, cfg, device=device, progress=lambda line: typer.echo(line, err=True))
     rows = [{"threads": p["setting"]["threads"], "workers": p["setting"]["workers"], "max batch": p["setting"]["max_batch"],
@@ -508,6 +509,11 @@ def tune_cmd(
              "p99 ms": f"{p['p99_ms']:.2f}" if p["p99_ms"] is not None else "-",
              "rows/call": p.get("rows_per_call", "-"), "errors": p["errors"] + p["non_200"]} for p in record["sweep"]]
     print_table(rows, list(rows[0]), title=f"serving sweep of {run.root} (variant {record['variant']})")
+    for p in record["confirmation"]:
+        m = p["measurements"]
+        typer.echo(f"confirmed: threads {p['setting']['threads']}, workers {p['setting']['workers']}, max batch "
+                   f"{p['setting']['max_batch']}, delay {p['setting']['max_delay_ms']:g} ms at {p['concurrency']} clients: "
+                   f"{m[0]['rps']:.0f} then {m[1]['rps']:.0f} req/s, p99 {m[0]['p99_ms']:.2f} then {m[1]['p99_ms']:.2f} ms")
     s, c = record["settings"], record["chosen"]
     typer.echo(f"chosen: threads {s['threads']}, workers {s['workers']}, max batch {s['max_batch']}, max delay "
                f"{s['max_delay_ms']:g} ms: {c['rps']:.0f} req/s at {c['concurrency']} clients, p99 {c['p99_ms']:.2f} ms "

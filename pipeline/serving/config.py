@@ -144,6 +144,9 @@ class TuneConfig:
     warmup_s: float = setting(0.5, "Untimed load before each setting's measurements.")
     binary: bool = setting(True, "Binary tensors (Triton's extension) rather than JSON in the load.")
     batch: int = setting(1, "Rows per request in the load.")
+    confirm: int = setting(3, "The best settings of the sweep measured once more, each on a fresh server, before "
+                              "one is chosen: by the lower of its two throughputs, and only if both p99s met the "
+                              "target (0: choose from the sweep alone).")
     write: bool = setting(True, "Write the chosen setting into the run (serve's and export-triton's defaults).")
 
     def __post_init__(self):
@@ -158,5 +161,7 @@ class TuneConfig:
             if min(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} values must be >= 1, got {list(getattr(self, name))}")
         _finite(p99_ms=self.p99_ms, seconds=self.seconds, warmup_s=self.warmup_s)
+        if self.confirm < 0:
+            raise ConfigError(f"--confirm must be >= 0, got {self.confirm}")
         if self.p99_ms <= 0 or self.seconds <= 0 or self.warmup_s < 0 or self.batch < 1:
             raise ConfigError("--p99-ms and --seconds must be > 0, --warmup-s >= 0 and --batch >= 1")

@@ -4,8 +4,11 @@ For every setting of the grid (intra-op threads x workers x max batch x max dela
 matters with batching), a real `onnxpipe serve` of the run's selected variant is started on
 loopback, warmed up, and driven by the bounded closed-loop load generator (loadgen.py) at each
 concurrency: requests per second, p50/p90/p99 latency, errors, and the rows ONNX Runtime ran per
-call. The chosen setting is the one with the highest throughput at any concurrency whose p99 kept
-`--p99-ms` with no error and no refusal; ties go to fewer workers, then fewer threads.
+call. A point qualifies when its p99 kept `--p99-ms` with no error and no refusal. One short
+measurement on a shared machine can be lucky, so the best `--confirm` qualifying settings are
+measured once more at their best concurrency, each on a fresh server; the chosen one has the
+highest throughput counting the lower of its two measurements, and both p99s within the target
+(ties go to fewer workers, then fewer threads).
 
 It is written into the run (section `serving`): `onnxpipe serve RUN` then starts with it (its
 start-up log says so, flags still win), `onnxpipe export-triton` turns it into config.pbtxt
@@ -102,6 +105,32 @@ def choose(points: list[dict], p99_ms: float) -> dict | None:
     return max(ok, key=lambda p: (p["rps"], -p["setting"]["workers"], -p["setting"]["threads"]))
 
 
+def confirmed(first: dict, again: dict) -> dict:
+    """One setting's two measurements at the same concurrency as one: the lower throughput, the higher p99."""
+    both = [first, again]
+    return {**first, "rps": min(p["rps"] for p in both), "p50_ms": max(p["p50_ms"] for p in both),
+            "p99_ms": max(p["p99_ms"] for p in both), "errors": sum(p["errors"] for p in both),
+            "non_200": sum(p["non_200"] for p in both), "ok": min(p["ok"] for p in both),
+            "measurements": [{k: p[k] for k in ("rps", "p50_ms", "p99_ms", "errors", "non_200")} for p in both]}
+
+
+def _measure(run_root: Path, setting: dict, device: str, request: bytes, concurrency: list[int], cfg: TuneConfig,
+             ) -> list[dict]:
+    server = _Server(run_root, setting, device)
+    try:
+        server.wait_ready()
+        run_load("127.0.0.1", server.port, request, max(concurrency), cfg.warmup_s)
+        out = []
+        for c in concurrency:
+            before = server.rows_and_calls()
+            result = run_load("127.0.0.1", server.port, request, c, cfg.seconds)
+            rows, calls = server.rows_and_calls() - before
+            out.append({"setting": setting, **result.to_json(), "rows_per_call": round(rows / max(calls, 1), 2)})
+        return out
+    finally:
+        server.stop()
+
+
 def tune(run: Run, cfg: TuneConfig = TuneConfig(), *, device: str = "cpu",
          progress: Callable[[str], None] = lambda s: None) -> dict:
     """Sweep the grid; returns the record (also written into the run when cfg.write and a setting qualified)."""
@@ -122,33 +151,46 @@ def tune(run: Run, cfg: TuneConfig = TuneConfig(), *, device: str = "cpu",
     settings = grid(cfg)
     points = []
     started = time.monotonic()
+    def describe(tag: str, point: dict) -> str:
+        s = point["setting"]
+        bad = point["errors"] + point["non_200"]
+        return (f"{tag} threads {s['threads']} workers {s['workers']} max batch {s['max_batch']} delay "
+                f"{s['max_delay_ms']:g} ms, {point['concurrency']} clients: {point['rps']:.0f} req/s, p50 "
+                f"{point['p50_ms']:.2f} ms, p99 {point['p99_ms']:.2f} ms" + (f", {bad} errors" if bad else ""))
+
     for i, setting in enumerate(settings, 1):
-        server = _Server(run.root, setting, device)
         try:
-            server.wait_ready()
-            run_load("127.0.0.1", server.port, request, max(cfg.concurrency), cfg.warmup_s)
-            for c in cfg.concurrency:
-                before = server.rows_and_calls()
-                result = run_load("127.0.0.1", server.port, request, c, cfg.seconds)
-                rows, calls = server.rows_and_calls() - before
-                point = {"setting": setting, **result.to_json(), "rows_per_call": round(rows / max(calls, 1), 2)}
+            for point in _measure(run.root, setting, device, request, list(cfg.concurrency), cfg):
                 points.append(point)
-                progress(f"[{i}/{len(settings)}] threads {setting['threads']} workers {setting['workers']} max batch "
-                         f"{setting['max_batch']} delay {setting['max_delay_ms']:g} ms, {c} clients: "
-                         f"{point['rps']:.0f} req/s, p50 {point['p50_ms']:.2f} ms, p99 {point['p99_ms']:.2f} ms"
-                         + (f", {point['errors'] + point['non_200']} errors" if point["errors"] + point["non_200"] else ""))
+                progress(describe(f"[{i}/{len(settings)}]", point))
         except OnnxpipeError as e:
             progress(f"[{i}/{len(settings)}] {setting}: the server could not be measured: {e}")
             points.append({"setting": setting, "concurrency": None, "rps": 0.0, "p50_ms": None, "p90_ms": None,
                            "p99_ms": None, "ok": 0, "non_200": 0, "errors": 1, "failure": str(e)[:500]})
-        finally:
-            server.stop()
-    best = choose([p for p in points if p.get("p99_ms") is not None], cfg.p99_ms)
+    measured = [p for p in points if p.get("p99_ms") is not None]
+    best = choose(measured, cfg.p99_ms)
+    confirmation = []
+    if best is not None and cfg.confirm > 0:
+        ranked, seen = [], set()
+        for p in sorted(measured, key=lambda p: -p["rps"]):  # the best qualifying point of each setting
+            key = tuple(sorted(p["setting"].items()))
+            if key not in seen and choose([p], cfg.p99_ms) is not None:
+                seen.add(key)
+                ranked.append(p)
+        for j, p in enumerate(ranked[:cfg.confirm], 1):
+            try:
+                (again,) = _measure(run.root, p["setting"], device, request, [p["concurrency"]], cfg)
+            except OnnxpipeError as e:
+                progress(f"[confirm {j}] {p['setting']}: the server could not be measured: {e}")
+                continue
+            progress(describe(f"[confirm {j}/{min(cfg.confirm, len(ranked))}]", again))
+            confirmation.append(confirmed(p, again))
+        best = choose(confirmation, cfg.p99_ms) if confirmation else best
     record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "variant": variant,
               "p99_ms": cfg.p99_ms, "device": device, "cores": usable_cores(), "seconds": round(time.monotonic() - started, 1),
               "load": {"batch": cfg.batch, "binary": cfg.binary, "seconds": cfg.seconds, "concurrency": list(cfg.concurrency),
                        "client": "onnxpipe loadgen (closed loop, raw HTTP/1.1, in the tuning process)"},
-              "config": asdict(cfg), "sweep": points}
+              "config": asdict(cfg), "sweep": points, "confirmation": confirmation}
     if best is not None:
         record["settings"] = dict(best["setting"])
         record["chosen"] = {k: best[k] for k in ("concurrency", "rps", "p50_ms", "p99_ms", "rows_per_call")}
