@@ -45,7 +45,7 @@ PROBER = r'''
 import json, socket, sys, time
 port, pid, out, stop = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 import os
-lat, rss, t_next = [], [], 0.0
+lat, rss, t_next, t_start = [], [], 0.0, time.monotonic()
 def vmrss():
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
@@ -67,7 +67,7 @@ while not os.path.exists(stop):
             ok = data.startswith(b"HTTP/1.1 200")
         except OSError:
             ok = False
-        lat.append(((time.perf_counter() - t0) * 1000, ok))
+        lat.append(((time.perf_counter() - t0) * 1000, ok, round(now - t_start, 2)))
     try:
         rss.append(vmrss())
     except OSError:
@@ -100,9 +100,11 @@ class Prober:
         data = json.loads(Path(self.out).read_text())
         Path(self.out).unlink()
         Path(self.stop_file).unlink()
-        live = [ms for ms, _ in data["live_ms"]]
+        live = [ms for ms, _, _ in data["live_ms"]]
+        slowest = sorted(data["live_ms"], reverse=True)[:3]
         return {"live_max_ms": max(live) if live else None, "live_p99_ms": float(np.percentile(live, 99)) if live else None,
-                "live_failed": sum(1 for _, ok in data["live_ms"] if not ok), "live_probes": len(live),
+                "live_failed": sum(1 for _, ok, _ in data["live_ms"] if not ok), "live_probes": len(live),
+                "live_slowest": [(round(ms, 1), at) for ms, _, at in slowest],
                 "rss_start_mb": data["rss_mb"][0] if data["rss_mb"] else None,
                 "rss_peak_mb": max(data["rss_mb"]) if data["rss_mb"] else None}
 
@@ -162,7 +164,8 @@ def part_overload(run_dir, run, x, want, args) -> list[str]:
             f"(target 0: {'met' if other_5xx == 0 else 'missed'}); 200 answers checked against the solo answer: "
             f"{counts['checked']}, wrong: {counts['wrong']}; liveness: {probe['live_probes']} probes, max "
             f"{probe['live_max_ms']:.1f} ms, p99 {probe['live_p99_ms']:.1f} ms, failed {probe['live_failed']} "
-            f"(target within 50 ms: {'met' if probe['live_max_ms'] <= 50 and not probe['live_failed'] else 'missed'}); "
+            f"(target within 50 ms: {'met' if probe['live_max_ms'] <= 50 and not probe['live_failed'] else 'missed'}; "
+            f"the slowest (ms, s after the prober started): {probe['live_slowest']}); "
             f"RSS {probe['rss_start_mb']:.0f} -> peak {probe['rss_peak_mb']:.0f} MB; the server's event loop ran "
             f"its 50 ms timer late by more than 10 ms {lag[0]:.0f} times, by more than 50 ms {lag[1]:.0f} times, of "
             f"{lag[2]:.0f}."]
