@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .serving.config import ServeConfig, TritonConfig
+from .serving.config import ServeConfig, TritonConfig, TuneConfig
 from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig, PackageConfig,
                              QuantizeConfig, SelectConfig, TrainConfig, VerifyConfig, help_of)
 
@@ -464,30 +464,102 @@ def show_cmd(run_dir: RunArg) -> None:
 
 # --- serving (pipeline/serving/, pipeline/stages/predict.py) ------------------------------------------
 
+def _serve_opt(field: str, flag: str | None = None, **kw):
+    """A `serve`/`tune` option whose help text (and default) is ServeConfig's."""
+    return typer.Option(flag or "--" + field.replace("_", "-"), help=help_of(ServeConfig, field), **kw)
+
+
 @app.command("serve")
 @user_errors
 def serve_cmd(
-    run_dir: RunArg,
+    run_dirs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders to serve, e.g. exports/cnn; several: several "
+                                                             "models, and runs of the same model are its versions 1, 2, ... in this order.")] = None,
+    repository: Annotated[Optional[Path], typer.Option("--repository", help="Serve every run folder under DIR: DIR/NAME "
+                                                        "(version 1) or DIR/NAME/N (version N), Triton's layout.")] = None,
     variant: VariantOpt = None,
-    host: Annotated[Optional[str], typer.Option("--host", help=help_of(ServeConfig, "host"))] = None,
-    port: Annotated[Optional[int], typer.Option("--port", help=help_of(ServeConfig, "port"))] = None,
+    host: Annotated[Optional[str], _serve_opt("host")] = None,
+    port: Annotated[Optional[int], _serve_opt("port")] = None,
+    grpc_port: Annotated[Optional[int], _serve_opt("grpc_port")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if ONNX Runtime has it, else CPU; the log says which), cpu, or cuda (an error if CUDA is not usable).")] = "auto",
-    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help=help_of(ServeConfig, "max_batch"))] = None,
-    max_delay_ms: Annotated[Optional[float], typer.Option("--max-delay-ms", help=help_of(ServeConfig, "max_delay_ms"))] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="ONNX Runtime intra-op threads (default: the cores this process may use).")] = None,
-    max_body_mb: Annotated[Optional[float], typer.Option("--max-body-mb", help=help_of(ServeConfig, "max_body_mb"))] = None,
+    max_batch: Annotated[Optional[int], _serve_opt("max_batch")] = None,
+    max_delay_ms: Annotated[Optional[float], _serve_opt("max_delay_ms")] = None,
+    threads: Annotated[Optional[int], _serve_opt("threads", min=1)] = None,
+    workers: Annotated[Optional[int], _serve_opt("workers")] = None,
+    max_body_mb: Annotated[Optional[float], _serve_opt("max_body_mb")] = None,
+    max_queue: Annotated[Optional[int], _serve_opt("max_queue")] = None,
+    max_inflight_mb: Annotated[Optional[float], _serve_opt("max_inflight_mb")] = None,
+    timeout_ms: Annotated[Optional[float], _serve_opt("timeout_ms")] = None,
+    header_timeout_s: Annotated[Optional[float], _serve_opt("header_timeout_s")] = None,
+    body_timeout_s: Annotated[Optional[float], _serve_opt("body_timeout_s")] = None,
+    shadow_rate: Annotated[Optional[float], _serve_opt("shadow_rate")] = None,
+    shadow_window: Annotated[Optional[int], _serve_opt("shadow_window")] = None,
+    poll_s: Annotated[Optional[float], _serve_opt("poll_s")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Model name in the URLs (default: the run's model, e.g. cnn).")] = None,
     access_log: Annotated[Optional[bool], typer.Option("--access-log/--no-access-log", help=help_of(ServeConfig, "access_log"))] = None,
 ) -> None:
-    """Serve a run's variant over the Open Inference Protocol (KServe v2 REST) until SIGTERM / Ctrl-C."""
-    from .serving.app import serve
-    from .serving.model import ServedModel
-    from .stages.configs import build_config
+    """Serve run folders over the Open Inference Protocol (KServe v2 REST, and gRPC with --grpc-port) until SIGTERM / Ctrl-C."""
+    from .serving.launch import main
 
-    cfg = build_config(ServeConfig, None, {"host": host, "port": port, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
-                                           "max_body_mb": max_body_mb, "access_log": access_log}, stage="serve")
-    model = ServedModel.prepare(_open(run_dir), variant, device=device, threads=threads, name=name)
-    raise typer.Exit(serve(model, cfg))
+    flags = {"host": host, "port": port, "grpc_port": grpc_port, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
+             "threads": threads, "workers": workers, "max_body_mb": max_body_mb, "max_queue": max_queue,
+             "max_inflight_mb": max_inflight_mb, "timeout_ms": timeout_ms, "header_timeout_s": header_timeout_s,
+             "body_timeout_s": body_timeout_s, "shadow_rate": shadow_rate, "shadow_window": shadow_window,
+             "poll_s": poll_s, "access_log": access_log}
+    raise typer.Exit(main(list(run_dirs or []), repository, variant=variant, name=name, device=device, flags=flags))
+
+
+@app.command("tune")
+@user_errors
+def tune_cmd(
+    run_dir: RunArg,
+    p99_ms: Annotated[Optional[float], typer.Option("--p99-ms", help=help_of(TuneConfig, "p99_ms"))] = None,
+    threads: Annotated[Optional[str], typer.Option("--threads", help=help_of(TuneConfig, "threads"))] = None,
+    workers: Annotated[Optional[str], typer.Option("--workers", help=help_of(TuneConfig, "workers"))] = None,
+    max_batch: Annotated[Optional[str], typer.Option("--max-batch", help=help_of(TuneConfig, "max_batch"))] = None,
+    max_delay_ms: Annotated[Optional[str], typer.Option("--max-delay-ms", help=help_of(TuneConfig, "max_delay_ms"))] = None,
+    concurrency: Annotated[Optional[str], typer.Option("--concurrency", help=help_of(TuneConfig, "concurrency"))] = None,
+    seconds: Annotated[Optional[float], typer.Option("--seconds", help=help_of(TuneConfig, "seconds"))] = None,
+    warmup_s: Annotated[Optional[float], typer.Option("--warmup-s", help=help_of(TuneConfig, "warmup_s"))] = None,
+    binary: Annotated[Optional[bool], typer.Option("--binary/--json", help=help_of(TuneConfig, "binary"))] = None,
+    batch: Annotated[Optional[int], typer.Option("--batch", help=help_of(TuneConfig, "batch"))] = None,
+    confirm: Annotated[Optional[int], typer.Option("--confirm", help=help_of(TuneConfig, "confirm"))] = None,
+    write: Annotated[Optional[bool], typer.Option("--write/--no-write", help=help_of(TuneConfig, "write"))] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda: the device the servers run on.")] = "cpu",
+) -> None:
+    """Sweep serving settings (threads, workers, max batch, max delay) with a bounded load on loopback; write the best
+    one whose p99 meets --p99-ms into the run (serve's and export-triton's defaults) and its plot into the report."""
+    from .console import print_table
+    from .serving.tune import tune
+    from .stages.configs import build_config, parse_float_list, parse_int_list
+    from .stages.report import write_report
+
+    cfg = build_config(TuneConfig, None, {
+        "p99_ms": p99_ms, "threads": parse_int_list(threads, "--threads", "1,2"),
+        "workers": parse_int_list(workers, "--workers", "1,2"), "max_batch": parse_int_list(max_batch, "--max-batch", "1,8,32"),
+        "max_delay_ms": parse_float_list(max_delay_ms, "--max-delay-ms"),
+        "concurrency": parse_int_list(concurrency, "--concurrency", "1,8,32"), "seconds": seconds, "warmup_s": warmup_s,
+        "binary": binary, "batch": batch, "confirm": confirm, "write": write}, stage="tune")
+    run = _open(run_dir)
+    record = tune(run, cfg, device=device, progress=lambda line: typer.echo(line, err=True))
+    rows = [{"threads": p["setting"]["threads"], "workers": p["setting"]["workers"], "max batch": p["setting"]["max_batch"],
+             "delay ms": f"{p['setting']['max_delay_ms']:g}", "clients": p["concurrency"], "req/s": f"{p['rps']:.0f}",
+             "p50 ms": f"{p['p50_ms']:.2f}" if p["p50_ms"] is not None else "-",
+             "p99 ms": f"{p['p99_ms']:.2f}" if p["p99_ms"] is not None else "-",
+             "rows/call": p.get("rows_per_call", "-"), "errors": p["errors"] + p["non_200"]} for p in record["sweep"]]
+    print_table(rows, list(rows[0]), title=f"serving sweep of {run.root} (variant {record['variant']})")
+    for p in record["confirmation"]:
+        m = p["measurements"]
+        typer.echo(f"confirmed: threads {p['setting']['threads']}, workers {p['setting']['workers']}, max batch "
+                   f"{p['setting']['max_batch']}, delay {p['setting']['max_delay_ms']:g} ms at {p['concurrency']} clients: "
+                   f"{m[0]['rps']:.0f} then {m[1]['rps']:.0f} req/s, p99 {m[0]['p99_ms']:.2f} then {m[1]['p99_ms']:.2f} ms")
+    s, c = record["settings"], record["chosen"]
+    typer.echo(f"chosen: threads {s['threads']}, workers {s['workers']}, max batch {s['max_batch']}, max delay "
+               f"{s['max_delay_ms']:g} ms: {c['rps']:.0f} req/s at {c['concurrency']} clients, p99 {c['p99_ms']:.2f} ms "
+               f"(target {record['p99_ms']:g} ms)")
+    if cfg.write:
+        page, _ = write_report(run)
+        typer.echo(f"written into {run.root}/manifest.json (section serving): `onnxpipe serve {run_dir}` and "
+                   f"`onnxpipe export-triton` now start from it; plot in {page}")
 
 
 @app.command("predict")
@@ -524,15 +596,21 @@ def export_triton_cmd(
     max_delay_ms: Annotated[Optional[float], typer.Option("--max-delay-ms", help=help_of(TritonConfig, "max_delay_ms"))] = None,
     device: Annotated[Optional[str], typer.Option("--device", help=help_of(TritonConfig, "device"))] = None,
     instances: Annotated[Optional[int], typer.Option("--instances", help=help_of(TritonConfig, "instances"))] = None,
+    preferred_batch: Annotated[Optional[str], typer.Option("--preferred-batch", help=help_of(TritonConfig, "preferred_batch"))] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help=help_of(TritonConfig, "threads"))] = None,
     force: Annotated[Optional[bool], typer.Option("--force", help=help_of(TritonConfig, "force"))] = None,
 ) -> None:
-    """Write a Triton Inference Server model repository (config.pbtxt + 1/model.onnx) for scaling out."""
-    from .serving.triton import export_triton
-    from .stages.configs import build_config
+    """Write a Triton Inference Server model repository (config.pbtxt + 1/model.onnx) for scaling out; after
+    `onnxpipe tune RUN`, with the measured instance count, preferred batch size, queue delay and threads."""
+    from .serving.triton import export_triton, tuned_triton
+    from .stages.configs import build_config, parse_int_list
 
-    cfg = build_config(TritonConfig, None, {"name": name, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
-                                            "device": device, "instances": instances, "force": force}, stage="triton")
-    entry = export_triton(_open(run_dir), out_dir, variant, cfg)
+    run = _open(run_dir)
+    cfg = build_config(TritonConfig, tuned_triton(run), {
+        "name": name, "max_batch": max_batch, "max_delay_ms": max_delay_ms, "device": device, "instances": instances,
+        "preferred_batch": parse_int_list(preferred_batch, "--preferred-batch", "8,32"), "threads": threads,
+        "force": force}, stage="triton")
+    entry = export_triton(run, out_dir, variant, cfg)
     typer.echo(f"wrote {entry}/config.pbtxt and {entry}/1/model.onnx; serve with "
                f"`tritonserver --model-repository {out_dir}`")
 

@@ -72,3 +72,19 @@ def test_edge_benchmark_smoke(tiny_run, tmp_path):
     text = md.read_text()
     assert text.startswith("# Results\n\nHand-written notes stay.") and text.count("<!-- edge:begin -->") == 1
     assert "| cnn | onnx |" in text and "edge.py --models cnn" in text
+
+
+def test_serving_benchmarks_smoke(tiny_run, tmp_path):
+    """benchmarks/serving.py (latency with gRPC, the orjson-vs-json servers) and benchmarks/overload.py (slow clients),
+    with tiny settings; peers.py needs its own virtual environments and is not run here."""
+    run = tiny_run("cnn")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), str(run), "--parts", "latency,codec",
+                           "--requests", "60", "--seconds", "0.3", "--rounds", "1", "--clients", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| gRPC (raw_input_contents) |" in done.stdout and "| standard json |" in done.stdout
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overload.py"), str(run), "--parts", "slow"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for what in ("half the headers", "half the body"):
+        assert f"a client that sends {what} and waits: answered 'HTTP/1.1 408'" in done.stdout

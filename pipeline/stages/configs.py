@@ -481,6 +481,19 @@ def parse_int_list(text: str | None, option: str, example: str = "1,64") -> tupl
     return values
 
 
+def parse_float_list(text: str | None, option: str, example: str = "0,2") -> tuple[float, ...] | None:
+    """'0,2.5' -> (0.0, 2.5); None -> None; a ConfigError naming the option for anything else."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        raise ConfigError(f"bad {option} {text!r}: expected comma-separated numbers >= 0, e.g. {option} {example}")
+    return values
+
+
 def parse_name_list(text: str | None) -> tuple[str, ...] | None:
     """'a,b' -> ('a', 'b'); None -> None."""
     if text is None:

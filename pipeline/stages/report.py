@@ -308,8 +308,69 @@ def build_report(run: Run) -> Report:
         if run.metrics(v).get("node_divergence_error"):
             rep.p(f"Per-node divergence of {v} could not be measured: {run.metrics(v)['node_divergence_error']}")
 
+    _serving_section(rep, run)
     _explain_section(rep, run)
     return rep
+
+
+def _setting_label(s: dict) -> str:
+    return f"threads {s['threads']}, workers {s['workers']}, batch {s['max_batch']}, delay {s['max_delay_ms']:g} ms"
+
+
+def plot_serving_sweep(record: dict) -> Figure | None:
+    """Throughput against p99 latency, one line per setting through its concurrencies (`onnxpipe tune`)."""
+    points = [p for p in record.get("sweep", []) if p.get("p99_ms") is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    by_setting: dict[str, list[dict]] = {}
+    for p in points:
+        by_setting.setdefault(_setting_label(p["setting"]), []).append(p)
+    colors = plt.get_cmap("tab20").colors
+    for i, (label, ps) in enumerate(by_setting.items()):
+        ps = sorted(ps, key=lambda p: p["concurrency"])
+        ax.plot([p["rps"] for p in ps], [p["p99_ms"] for p in ps], marker="o", ms=3, lw=1,
+                color=colors[i % len(colors)], label=label)
+    ax.axhline(record["p99_ms"], color="grey", ls="--", lw=1, label=f"p99 target {record['p99_ms']:g} ms")
+    chosen = record.get("chosen")
+    if chosen:
+        ax.plot([chosen["rps"]], [chosen["p99_ms"]], marker="*", ms=16, color="black", ls="none",
+                label="chosen: " + _setting_label(record["settings"]))
+    ax.set_xlabel("requests/s")
+    ax.set_ylabel("p99 latency (ms)")
+    ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.set_title(f"serving sweep (batch {record['load']['batch']}, {'binary' if record['load']['binary'] else 'JSON'}; "
+                 f"concurrency {', '.join(map(str, record['load']['concurrency']))})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return Figure("serving_sweep.png", _png(fig), "Throughput against p99 latency for every serving setting the "
+                  "sweep tried, one line through its concurrencies; the star is the setting `onnxpipe tune` chose.")
+
+
+def _serving_section(rep: Report, run: Run) -> None:
+    rec = run.section("serving")
+    if not rec:
+        return
+    record = rec if rec.get("sweep") else rec.get("last_sweep")
+    rep.h("Serving settings (onnxpipe tune)")
+    if rec.get("settings"):
+        c = rec.get("chosen", {})
+        rep.p(f"Chosen {rec.get('when', '')} for variant {rec.get('variant', '-')} on {rec.get('cores', '?')} cores: "
+              f"{_setting_label(rec['settings'])}: {c.get('rps', 0):.0f} requests/s at {c.get('concurrency')} clients, "
+              f"p50 {c.get('p50_ms', 0):.2f} ms, p99 {c.get('p99_ms', 0):.2f} ms (target p99 <= {rec.get('p99_ms')} ms). "
+              "`onnxpipe serve` and `onnxpipe export-triton` start from it; flags override it.")
+    if record and record is not rec:
+        rep.p(f"The last sweep ({record.get('when')}) found no setting within p99 <= {record.get('p99_ms')} ms; "
+              "the settings above were kept.")
+    if record:
+        rep.table(["setting", "clients", "req/s", "p50 ms", "p99 ms", "rows/call", "errors"],
+                  [[_setting_label(p["setting"]), p.get("concurrency"), f"{p['rps']:.0f}", p.get("p50_ms"),
+                    p.get("p99_ms"), p.get("rows_per_call"), p["errors"] + p["non_200"]] for p in record["sweep"]])
+        rep.figure(plot_serving_sweep(record))
 
 
 def _variants_section(rep: Report, run: Run, tables: dict, source: str) -> None:
