@@ -379,20 +379,25 @@ def select_cmd(
                                "threads": threads, "objective": objective, "max_bytes": max_bytes,
                                "max_rss_mb": max_rss_mb})
     cfg = ctx.config(SelectConfig, "select")
-    sel = select(run, cfg)
+    sel = select(run, cfg, log_line=lambda msg: typer.echo(msg, err=True))
     run.reload()
     memory = cfg.max_rss_mb is not None
     rows = []
     for v in [*sel.ranking, *sel.excluded]:
         lat = run.metrics(v).get("latency_ms", {})
         rss = (run.metrics(v).get("edge_memory") or {}).get("peak_rss_mb")
+        setting = run.metrics(v).get("session_setting") or {}
         rows.append({"variant": v, **{f"b{b} ms": lat.get(str(b)) for b in cfg.batches},
-                     "bytes": run.artifact(v).bytes, "peak RSS MB": rss, "selected": v == sel.selected,
+                     "threads": setting.get("threads"), "bytes": run.artifact(v).bytes, "peak RSS MB": rss,
+                     "selected": v == sel.selected,
                      "note": sel.excluded.get(v, "")})
-    print_table(rows, ["variant", *[f"b{b} ms" for b in cfg.batches], "bytes", *(["peak RSS MB"] if memory else []),
+    print_table(rows, ["variant", *[f"b{b} ms" for b in cfg.batches], "threads", "bytes",
+                       *(["peak RSS MB"] if memory else []),
                        "selected", "note"],
                 title=f"select: {run.root} (p50 latency, objective {cfg.objective})")
-    typer.echo(f"selected: {sel.selected}")
+    chosen = run.metrics(sel.selected).get("session_setting") or {}
+    typer.echo(f"selected: {sel.selected} ({chosen.get('threads')} thread(s), {chosen.get('execution_mode')}, "
+               f"spinning {'on' if chosen.get('spinning') else 'off'}: serve and export-triton start from this)")
 
 
 @app.command("package")
@@ -598,18 +603,24 @@ def export_triton_cmd(
     instances: Annotated[Optional[int], typer.Option("--instances", help=help_of(TritonConfig, "instances"))] = None,
     preferred_batch: Annotated[Optional[str], typer.Option("--preferred-batch", help=help_of(TritonConfig, "preferred_batch"))] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help=help_of(TritonConfig, "threads"))] = None,
+    execution_mode: Annotated[Optional[str], typer.Option("--execution-mode",
+                                                          help=help_of(TritonConfig, "execution_mode"))] = None,
     force: Annotated[Optional[bool], typer.Option("--force", help=help_of(TritonConfig, "force"))] = None,
 ) -> None:
     """Write a Triton Inference Server model repository (config.pbtxt + 1/model.onnx) for scaling out; after
-    `onnxpipe tune RUN`, with the measured instance count, preferred batch size, queue delay and threads."""
-    from .serving.triton import export_triton, tuned_triton
+    `onnxpipe tune RUN`, with the measured instance count, preferred batch size, queue delay and threads; else
+    with the threads and execution mode `onnxpipe select` measured fastest for the variant."""
+    from .serving.triton import export_triton, recorded_triton
     from .stages.configs import build_config, parse_int_list
 
     run = _open(run_dir)
-    cfg = build_config(TritonConfig, tuned_triton(run), {
-        "name": name, "max_batch": max_batch, "max_delay_ms": max_delay_ms, "device": device, "instances": instances,
-        "preferred_batch": parse_int_list(preferred_batch, "--preferred-batch", "8,32"), "threads": threads,
-        "force": force}, stage="triton")
+    recorded, source = recorded_triton(run, variant)
+    flags = {"name": name, "max_batch": max_batch, "max_delay_ms": max_delay_ms, "device": device, "instances": instances,
+             "preferred_batch": parse_int_list(preferred_batch, "--preferred-batch", "8,32"), "threads": threads,
+             "execution_mode": execution_mode, "force": force}
+    cfg = build_config(TritonConfig, recorded, flags, stage="triton")
+    if source:
+        typer.echo(f"settings recorded in the run: {source} (flags given win)")
     entry = export_triton(run, out_dir, variant, cfg)
     typer.echo(f"wrote {entry}/config.pbtxt and {entry}/1/model.onnx; serve with "
                f"`tritonserver --model-repository {out_dir}`")

@@ -165,10 +165,10 @@ def stage_verify(run: Run, ctx: Context) -> list:
     return reports
 
 
-def stage_select(run: Run, ctx: Context) -> None:
+def stage_select(run: Run, ctx: Context, log_line: Callable[[str], None] | None = None) -> None:
     from .stages.select import select
 
-    select(run, ctx.config(SelectConfig, "select"))
+    select(run, ctx.config(SelectConfig, "select"), log_line=log_line)
     if run.section("distillation"):  # the student's speedup over the teacher's fastest variant, as timed here
         from .stages.distill import student_speedup
 

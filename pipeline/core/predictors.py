@@ -112,15 +112,18 @@ def torch_predictor(module, *, device: str = "cpu", threads: int | None = None,
 
 
 def load_predictor(run: Run, variant: str, *, device: str = "cpu", threads: int | None = None,
-                   opt_level: str = "all", spinning: bool | None = None) -> Predictor:
-    """A callable on numpy inputs returning float32 logits. The artifact's sha256 is checked first."""
+                   opt_level: str = "all", spinning: bool | None = None,
+                   execution_mode: str = "sequential") -> Predictor:
+    """A callable on numpy inputs returning float32 logits. The artifact's sha256 is checked first.
+    (`execution_mode` and `spinning` are ONNX Runtime settings; torch eager has neither.)"""
     art = run.artifact(variant)
     if art.format == "torch":
         module, spec, cfg = load_torch_variant(run, variant)
         return torch_predictor(module, device=device, threads=threads, names=tuple(s.name for s in spec.input_specs(cfg)))
     from .runtime import make_session
 
-    return make_session(run.path(variant), device=device, threads=threads, opt_level=opt_level, spinning=spinning)
+    return make_session(run.path(variant), device=device, threads=threads, opt_level=opt_level, spinning=spinning,
+                        execution_mode=execution_mode)
 
 
 def predict_batched(fn: Predictor, x, batch: int = 256) -> np.ndarray:

@@ -200,7 +200,7 @@ def create_app(models: ServedModel | Sequence[ServedModel], cfg: ServeConfig, *,
     metrics.workers.set(1)
     first = models[0] if models else None
     repo = Repository(sources or _sources_for(models), cfg, metrics, models, load=load, on_fatal=on_fatal,
-                      device=first.device if first else "auto", threads=first.threads if first else cfg.threads)
+                      device=first.device if first else "auto", threads=cfg.threads)
     server_info = {"name": "onnxpipe", "version": _server_version(),
                    "extensions": ["binary_tensor_data", "model_repository"]}
     decode_pool = ThreadPoolExecutor(2, thread_name_prefix="onnxpipe-decode")
@@ -685,11 +685,12 @@ def describe(models: Sequence[ServedModel], cfg: ServeConfig, host: str, port: i
     lines = []
     for m in models:
         lines.append(f"serving model {m.name!r} version {m.version} (run {m.run.root}, variant {m.variant}) on "
-                     f"http://{host}:{port}/v2/models/{m.name}")
+                     f"http://{host}:{port}/v2/models/{m.name}; session: {m.threads or 'all'} thread(s), "
+                     f"{m.execution_mode} ({m.setting_from})")
     if grpc_port is not None:
         lines.append(f"gRPC (inference.GRPCInferenceService) on {host}:{grpc_port}")
     lines.append(f"settings: max batch {cfg.max_batch}, max delay {cfg.max_delay_ms:g} ms, threads "
-                 f"{cfg.threads or 'all cores'}, workers {cfg.workers}, max queue {cfg.max_queue}, max in flight "
+                 f"{cfg.threads or 'per model (as above)'}, workers {cfg.workers}, max queue {cfg.max_queue}, max in flight "
                  f"{cfg.max_inflight_mb:g} MB, timeout {f'{cfg.timeout_ms:g} ms' if cfg.timeout_ms else 'none'}, shadow "
                  f"{cfg.shadow_rate:g}" + (f"; from `onnxpipe tune` ({tuned['when']}): "
                                           + ", ".join(f"{k} {v}" for k, v in tuned["applied"].items()) if tuned else ""))

@@ -106,7 +106,9 @@ class TritonConfig:
     device: str = setting("auto", "Instance kind: auto (Triton decides), cpu, or cuda.")
     instances: int = setting(1, "Model instances Triton runs.")
     threads: int | None = setting(None, "ONNX Runtime intra-op threads per instance (Triton's intra_op_thread_count; "
-                                        "unset: the backend's default).")
+                                        "unset: what `onnxpipe select` chose for the variant, else the backend's default).")
+    execution_mode: str = setting("sequential", "sequential or parallel (Triton's execution_mode 0/1; parallel runs "
+                                                "independent branches at once on --threads inter-op threads).")
     force: bool = setting(False, "Replace OUT_DIR/NAME if it exists.")
 
     def __post_init__(self):
@@ -123,6 +125,8 @@ class TritonConfig:
             raise ConfigError(f"--instances must be >= 1, got {self.instances}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if self.execution_mode not in ("sequential", "parallel"):
+            raise ConfigError(f"--execution-mode must be sequential or parallel, got {self.execution_mode!r}")
         if any(not isinstance(b, int) or b < 1 or b > max(self.max_batch, 1) for b in self.preferred_batch):
             raise ConfigError(f"--preferred-batch sizes must be in 1..max_batch ({self.max_batch}), "
                               f"got {list(self.preferred_batch)}")

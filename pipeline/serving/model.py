@@ -16,7 +16,7 @@ import numpy as np
 from ..core.data import Rows
 from ..core.parity import compare_tensor, rows_are_independent
 from ..core.policy import POLICY
-from ..core.runtime import Session, make_session, resolve_providers
+from ..core.runtime import Session, SessionSetting, make_session, resolve_providers
 from ..errors import ArtifactError, ConfigError, DeviceError, OnnxpipeError
 from ..runfolder import Run
 from .protocol import ORT_TO_V2, InferRequest, RequestError
@@ -73,6 +73,8 @@ class ServedModel:
     device: str = "auto"
     threads: int | None = None
     version: str = "1"
+    execution_mode: str = "sequential"
+    setting_from: str = "the server's settings"   # where threads / execution mode came from, for the start-up log
     state: str = "loading"
     error: str | None = None
     session: Session | None = None
@@ -103,8 +105,13 @@ class ServedModel:
         # a real config field as recorded, not a derived default; read without the model library (torch), whose
         # hundreds of thousands of objects would make every full garbage collection of the server take ~0.1 s
         vocab = run.recorded_model_config(variant).get("vocab_size", 0)
+        mode, source = "sequential", "the server's settings" if threads is not None else "default: every usable core"
+        recorded = run.metrics(variant).get("session_setting")
+        if threads is None and recorded:  # what `onnxpipe select` measured fastest for this variant on this machine
+            chosen = SessionSetting.from_json(recorded)
+            threads, mode, source = chosen.threads, chosen.execution_mode, "chosen by `onnxpipe select`"
         return cls(run=run, variant=variant, name=name or run.model_name, device=device, threads=threads,
-                   version=str(version), vocab_size=int(vocab or 0))
+                   version=str(version), vocab_size=int(vocab or 0), execution_mode=mode, setting_from=source)
 
     # --- loading -------------------------------------------------------------------------------------
     @property
@@ -117,7 +124,8 @@ class ServedModel:
         try:
             path = self.run.path(self.variant)           # inside the run folder, sha256 against the manifest
             # no spinning: idle ORT threads would busy-wait on the cores the event loop needs
-            session = make_session(path, device=self.device, threads=self.threads, spinning=False)
+            session = make_session(path, device=self.device, threads=self.threads, spinning=False,
+                                   execution_mode=self.execution_mode)
             self.inputs, self.outputs = _metas(session.inner.get_inputs()), _metas(session.inner.get_outputs())
             self.session = session
             log.info("loaded %s variant %s (%s, sha256 ok); providers: %s", self.name, self.variant, path.name,

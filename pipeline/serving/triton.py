@@ -8,10 +8,12 @@
 With max_batch_size > 0 Triton's dims leave out the batch axis (Triton adds it), so the model's
 first axis must be dynamic; a model with a fixed first axis is written with max_batch_size 0.
 
-Settings: TritonConfig's defaults, then what `onnxpipe tune` measured for this run (`tuned_triton`:
-its workers become the instance count, its max batch the max_batch_size and the preferred batch
-size, its max delay the queue delay, its threads the ONNX Runtime backend's intra_op_thread_count),
-then the flags given. tests/test_triton_export.py parses every written file with Triton's own
+Settings (`recorded_triton`): TritonConfig's defaults, then the session setting `onnxpipe select`
+measured fastest for the variant (its threads the ONNX Runtime backend's intra_op_thread_count, its
+execution mode the backend's execution_mode), then what `onnxpipe tune` measured for this run
+(`tuned_triton`: its workers become the instance count, its max batch the max_batch_size and the
+preferred batch size, its max delay the queue delay, its threads the intra_op_thread_count), then
+the flags given. tests/test_triton_export.py parses every written file with Triton's own
 ModelConfig protobuf schema (the model_config_pb2 that tritonclient ships).
 """
 from __future__ import annotations
@@ -61,8 +63,14 @@ def config_pbtxt(name: str, inputs, outputs, cfg: TritonConfig, provenance: list
     kind = KINDS[cfg.device]
     group = f"count: {cfg.instances}" + (f"\n    kind: {kind}" if kind else "")
     lines.append(f"instance_group [\n  {{\n    {group}\n  }}\n]")
-    if cfg.threads is not None:  # the onnxruntime backend's own parameter
-        lines.append(f'parameters {{\n  key: "intra_op_thread_count"\n  value: {{ string_value: "{cfg.threads}" }}\n}}')
+    params = {}
+    if cfg.threads is not None:  # the onnxruntime backend's own parameters
+        params["intra_op_thread_count"] = cfg.threads
+    if cfg.execution_mode == "parallel":
+        params["execution_mode"] = 1
+        params["inter_op_thread_count"] = cfg.threads or 0
+    for key, value in params.items():
+        lines.append(f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}')
     return "\n".join(lines) + "\n"
 
 
@@ -76,6 +84,24 @@ def tuned_triton(run: Run) -> dict | None:
     if out["max_batch"] > 1:
         out["preferred_batch"] = (out["max_batch"],)
     return out
+
+
+def recorded_triton(run: Run, variant: str | None = None) -> tuple[dict, str]:
+    """(TritonConfig settings, where they came from): what `onnxpipe tune` measured for the served setup,
+    over what `onnxpipe select` chose for the variant's session (threads, execution mode)."""
+    out, source = {}, []
+    recorded = run.metrics(variant or run.selected).get("session_setting") if (variant or run.selected) else None
+    if recorded:
+        from ..core.runtime import SessionSetting
+
+        chosen = SessionSetting.from_json(recorded)
+        out.update(threads=chosen.threads, execution_mode=chosen.execution_mode)
+        source.append(f"threads {chosen.threads}, {chosen.execution_mode} from `onnxpipe select`")
+    tuned = tuned_triton(run)
+    if tuned:
+        out.update(tuned)
+        source.append("instances, threads, batching from `onnxpipe tune`")
+    return out, "; ".join(source)
 
 
 def _external_files(model, folder: Path, recorded: dict | None) -> dict[str, Path]:

@@ -283,7 +283,8 @@ class SelectConfig:
     warmup: int = setting(5, "Untimed warm-up rounds.")
     runs: int = setting(20, "Timed rounds per batch size.")
     min_seconds: float = setting(0.3, "Per batch size: very fast models get more rounds than `runs`.")
-    threads: int | None = setting(None, "ONNX Runtime intra-op threads (default: the usable cores).")
+    threads: int | None = setting(None, "ONNX Runtime intra-op threads (default: sweep 1, 2, 4, ... up to the usable "
+                                        "cores and keep each variant's fastest; serve and export-triton use it).")
     objective: str = setting("geomean", "geomean (over batch sizes) or one batch size, e.g. 64.")
     max_bytes: int | None = setting(None, "Edge limit: the variant's model file may have at most this many bytes.")
     max_rss_mb: float | None = setting(None, "Edge limit: peak resident memory (MB) of a fresh process that loads the "

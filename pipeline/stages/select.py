@@ -11,8 +11,14 @@ Rules (choose() is a pure function over recorded timings, so they are testable w
     (load, one row, one thread) peaks above the memory limit, is excluded; when nothing is left, the
     variant closest to the limits is named with how far it misses;
   - among the rest the lowest score wins; the default score is the geometric mean of the p50
-    latencies over the batch sizes, so a 2x gain at batch 1 counts as much as a 2x gain at batch 64.
-The machine's CPU features and ONNX Runtime's thread settings are recorded beside the timings."""
+    latencies over the batch sizes, so a 2x gain at batch 1 counts as much as a 2x gain at batch 64;
+  - each variant is timed at every session setting (intra-op threads 1, 2, 4, ... up to the usable
+    cores; the parallel execution mode too where its graph has independent compute branches), all in
+    the same interleaved rounds, and competes with its best one (best_setting, also pure: the cheapest
+    setting within 3 % of the fastest); the selected variant is then timed with spinning on and off.
+The chosen setting per variant (and the best one per batch size) is recorded in metrics[v]
+["session_setting"] / ["best_setting_by_batch"]; serve and export-triton start from the selected one.
+The machine's CPU features and ONNX Runtime's settings are recorded beside the timings."""
 from __future__ import annotations
 
 import logging
@@ -22,7 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.predictors import load_predictor
-from ..core.timing import default_threads, time_predictors
+from ..core.runtime import SessionSetting
+from ..core.timing import thread_candidates, time_predictors
 from ..errors import ArtifactError
 from ..runfolder import Run
 from .configs import SelectConfig
@@ -137,6 +144,33 @@ def choose(variants: dict[str, dict], objective: str = "geomean", *, max_bytes: 
     return sel
 
 
+NEAR_TIE = 0.03   # a setting that takes more of the machine must be > 3 % faster to be chosen
+
+
+def best_setting(timed: dict[str, dict[str, float]], settings: dict[str, SessionSetting], objective: str = "geomean",
+                 *, margin: float = NEAR_TIE) -> tuple[str, dict[str, str]]:
+    """(the chosen setting's key, {batch: the fastest setting's key at that batch}) from recorded p50s.
+
+    `timed[key][batch]` = p50 ms of one variant at one session setting (`settings[key]`). The chosen
+    setting has the lowest score (`score`, the same objective as the variant choice) among those within
+    `margin` of the fastest, taking the cheapest (SessionSetting.cost: fewer threads, sequential, no spin)
+    so that noise between near-equal settings never buys threads for nothing."""
+    scored = {k: score(t, objective) for k, t in timed.items() if t}
+    if not scored:
+        raise ValueError("no timed setting to choose from")
+    fastest = min(scored.values())
+    near = [k for k, v in scored.items() if v <= fastest * (1 + margin)]
+    chosen = min(near, key=lambda k: (settings[k].cost, scored[k], k))
+    batches = sorted({b for t in timed.values() for b in t}, key=int)
+    per_batch = {}
+    for b in batches:
+        at = {k: t[b] for k, t in timed.items() if b in t}
+        low = min(at.values())
+        per_batch[b] = min((k for k, v in at.items() if v <= low * (1 + margin)),
+                           key=lambda k: (settings[k].cost, at[k], k))
+    return chosen, per_batch
+
+
 # --- verdicts from the manifest -------------------------------------------------------------------------
 
 def verdict(run: Run, variant: str, _seen: frozenset = frozenset()) -> tuple[bool, str]:
@@ -160,22 +194,26 @@ def verdict(run: Run, variant: str, _seen: frozenset = frozenset()) -> tuple[boo
 
 # --- timing on this machine -----------------------------------------------------------------------------
 
-def machine_record(threads: int) -> dict:
-    """The CPU features and ORT session settings that the timings depend on."""
+def machine_record(chosen: SessionSetting, swept: list[str]) -> dict:
+    """The CPU features and ORT session settings that the timings depend on: the selected variant's
+    chosen setting, and every setting that was timed."""
     import onnxruntime as ort
 
     from ..core.cpu import cpu_features
+    from ..core.timing import usable_cores
 
     return {
         "cpu": cpu_features(),
+        "usable_cores": usable_cores(),
         "onnxruntime": {
             "version": ort.__version__,
             "providers": ["CPUExecutionProvider"],
-            "intra_op_num_threads": threads,
-            "inter_op_num_threads": 1,
-            "execution_mode": "sequential",
-            "allow_spinning": False,             # while timing: sessions take turns on the same cores
+            "intra_op_num_threads": chosen.threads,
+            "inter_op_num_threads": chosen.threads if chosen.execution_mode == "parallel" else 1,
+            "execution_mode": chosen.execution_mode,
+            "allow_spinning": chosen.spinning,   # while timing the variants: off (sessions take turns on the cores)
             "graph_optimization_level": "all",   # applied at load; saved files stay portable
+            "settings_timed": swept,
         },
     }
 
@@ -192,26 +230,64 @@ def example_batches(run: Run, variant: str, batches) -> dict[int, list[np.ndarra
     return {b: [np.ascontiguousarray(t.numpy()) for t in spec.example_inputs(cfg, batch=b).values()] for b in batches}
 
 
-def time_variants(run: Run, names: list[str], cfg: SelectConfig) -> dict[str, dict[str, object]]:
-    """{variant: {batch (str): Latency}} for ONNX variants, interleaved per batch size.
+def candidate_settings(run: Run, names: list[str], cfg: SelectConfig) -> dict[str, list[SessionSetting]]:
+    """{variant: the session settings to time}: every thread count of the sweep (or the one asked for),
+    sequential, not spinning; plus the parallel execution mode at each count above 1 where the graph has
+    independent compute branches (onnxgraph.parallel_branches)."""
+    import onnx
+
+    from ..core.onnxgraph import parallel_branches
+
+    counts = (cfg.threads,) if cfg.threads is not None else thread_candidates()
+    out = {}
+    for v in names:
+        graph = onnx.load(str(run.path(v)), load_external_data=False).graph
+        branches = parallel_branches(graph) > 1
+        out[v] = [SessionSetting(t) for t in counts] + [SessionSetting(t, "parallel") for t in counts
+                                                        if branches and t > 1]
+    return out
+
+
+def time_variants(run: Run, settings: dict[str, list[SessionSetting]], cfg: SelectConfig
+                  ) -> dict[str, dict[str, dict[str, object]]]:
+    """{variant: {setting key: {batch (str): Latency}}} for ONNX variants, every variant at every one of
+    its settings interleaved in the same rounds per batch size.
 
     Variants of one input signature are timed in the same rounds; a student of another model (other
     inputs) gets its own rounds."""
     # Spinning off: the sessions take turns on the same cores, and an idle session's busy-waiting
     # threads would otherwise slow whichever variant runs next.
-    fns = {v: load_predictor(run, v, device="cpu", threads=cfg.threads, spinning=False) for v in names}
+    names = list(settings)
     groups: dict[tuple, list[str]] = {}
     for v in names:
         groups.setdefault(input_signature(run, v), []).append(v)
-    out: dict[str, dict[str, object]] = {v: {} for v in names}
+    out: dict[str, dict[str, dict[str, object]]] = {v: {s.key: {} for s in settings[v]} for v in names}
     for members in groups.values():
+        fns = {(v, s.key): load_predictor(run, v, device="cpu", threads=s.threads, spinning=False,
+                                          execution_mode=s.execution_mode)
+               for v in members for s in settings[v]}
         inputs = example_batches(run, members[0], cfg.batches)
-        lat = time_predictors({v: fns[v] for v in members}, inputs, warmup=cfg.warmup, runs=cfg.runs,
+        lat = time_predictors({f"{v}@{k}": f for (v, k), f in fns.items()}, inputs, warmup=cfg.warmup, runs=cfg.runs,
                               min_seconds=cfg.min_seconds, block=TIMING_BLOCK)
-        for b, per_variant in lat.items():
-            for v, latency in per_variant.items():
-                out[v][str(b)] = latency
+        for b, per_candidate in lat.items():
+            for (v, k) in fns:
+                out[v][k][str(b)] = per_candidate[f"{v}@{k}"]
+        del fns
     return out
+
+
+SPIN_BLOCK = 6   # spinning on vs off, back-to-back calls per round: the first absorbs the other's idle spin
+
+
+def time_spinning(run: Run, variant: str, setting: SessionSetting, cfg: SelectConfig) -> dict[str, dict[str, float]]:
+    """{"no-spin" | "spin": {batch: p50 ms}} for one variant at one setting, the two sessions taking turns
+    in blocks (a spinning session cannot be interleaved call by call: its idle threads hold the cores)."""
+    fns = {name: load_predictor(run, variant, device="cpu", threads=setting.threads, spinning=spin,
+                                execution_mode=setting.execution_mode)
+           for name, spin in (("no-spin", False), ("spin", True))}
+    lat = time_predictors(fns, example_batches(run, variant, cfg.batches), warmup=cfg.warmup, runs=cfg.runs,
+                          min_seconds=cfg.min_seconds, block=SPIN_BLOCK)
+    return {name: {str(b): lat[b][name].p50 for b in lat} for name in fns}
 
 
 def row_independence(run: Run, names: list[str]) -> dict[str, tuple[bool, float]]:
@@ -250,17 +326,26 @@ def edge_memory(run: Run, names: list[str]) -> dict[str, dict]:
     return out
 
 
-def select(run: Run, cfg: SelectConfig, data=None) -> "Selection":
-    """Time the run's ONNX variants, choose, and record timings, marks and the choice in the manifest."""
+def select(run: Run, cfg: SelectConfig, data=None, *, log_line=None) -> "Selection":
+    """Time the run's ONNX variants at each session setting, choose the variant with its best setting,
+    and record timings, settings, marks and the choice in the manifest."""
+    say = log_line or (lambda msg: None)
     names = [v for v in run.variants() if run.artifact(v).format == "onnx"]
     if not names:
         raise ArtifactError(f"run {run.root} has no ONNX variant to select from; run `onnxpipe export` first")
-    timings = time_variants(run, names, cfg)
-    table = {}
+    settings = candidate_settings(run, names, cfg)
+    keyed = {v: {s.key: s for s in settings[v]} for v in names}
+    say(f"timing {len(names)} variant(s) at {len({s.key for ss in settings.values() for s in ss})} session setting(s) "
+        f"(threads {', '.join(str(t) for t in sorted({s.threads for ss in settings.values() for s in ss}))}), "
+        f"batches {', '.join(map(str, cfg.batches))}")
+    timings = time_variants(run, settings, cfg)
+    table, chosen, per_batch = {}, {}, {}
     for v in names:
         art = run.artifact(v)
         ok, why = verdict(run, v)
-        table[v] = {"latency_ms": {b: lat.p50 for b, lat in timings[v].items()}, "eligible": ok, "why": why,
+        p50 = {k: {b: lat.p50 for b, lat in per.items()} for k, per in timings[v].items()}
+        chosen[v], per_batch[v] = best_setting(p50, keyed[v], cfg.objective)
+        table[v] = {"latency_ms": p50[chosen[v]], "eligible": ok, "why": why,
                     "parent": art.parent, "lossy": art.lossy, "bytes": art.bytes}
     memory = edge_memory(run, [v for v in names if table[v]["eligible"]]) if cfg.max_rss_mb is not None else {}
     for v, rec in memory.items():
@@ -272,6 +357,15 @@ def select(run: Run, cfg: SelectConfig, data=None) -> "Selection":
                 run.set_metrics(v, edge_memory=rec)
     if sel.selected is None:
         raise ArtifactError(sel.why_none)
+    # spinning on or off, for the selected variant alone at its chosen setting
+    base = keyed[sel.selected][chosen[sel.selected]]
+    spin = time_spinning(run, sel.selected, base, cfg)
+    spin_on = best_setting(spin, {"no-spin": base, "spin": SessionSetting(base.threads, base.execution_mode, True)},
+                           cfg.objective)[0] == "spin"
+    final = SessionSetting(base.threads, base.execution_mode, spin_on)
+    say(f"selected {sel.selected} at {final.key} (timed: " + ", ".join(
+        f"{k} {score(table_v, cfg.objective):.3f} ms" for k, table_v in
+        ((k, {b: lat.p50 for b, lat in per.items()}) for k, per in timings[sel.selected].items())) + ")")
     rows = row_independence(run, names)
     notes = []
     if not rows[sel.selected][0]:
@@ -281,18 +375,25 @@ def select(run: Run, cfg: SelectConfig, data=None) -> "Selection":
         log.warning(notes[-1])
     with run.batch():
         for v in names:
+            setting = final if v == sel.selected else keyed[v][chosen[v]]
             values = {"latency_ms": table[v]["latency_ms"],
-                      "latency_detail": {b: lat.to_json() for b, lat in timings[v].items()},
+                      "latency_detail": {b: lat.to_json() for b, lat in timings[v][chosen[v]].items()},
+                      "session_setting": setting.to_json(),
+                      "settings_timed": {k: {b: lat.p50 for b, lat in per.items()} for k, per in timings[v].items()},
+                      "best_setting_by_batch": {b: keyed[v][k].to_json() for b, k in per_batch[v].items()},
                       "row_independent": rows[v][0], "row_dependence_max_abs": rows[v][1]}
             if table[v]["lossy"] and run.has(table[v]["parent"] or "") and table[v]["parent"] in table:
                 values["slower_than_parent"] = v in sel.slower_than_parent
             run.set_metrics(v, **values)
-        run.set_section("machine", machine_record(default_threads(cfg.threads)))
+        run.set_section("machine", machine_record(final, sorted({s.key for ss in settings.values() for s in ss})))
         run.set_selected(sel.selected, selection={
             **sel.to_json(), "objective": cfg.objective, "batches": [str(b) for b in cfg.batches],
-            "timing": {"method": f"interleaved rounds, blocks of {TIMING_BLOCK} (first untimed), p50",
+            "session_setting": final.to_json(), "spinning_ms": spin,
+            "timing": {"method": f"interleaved rounds, blocks of {TIMING_BLOCK} (first untimed), p50; every variant "
+                                 f"at every session setting in the same rounds; spinning on/off for the selected "
+                                 f"variant alone, blocks of {SPIN_BLOCK}",
                        "warmup": cfg.warmup, "runs": cfg.runs, "min_seconds": cfg.min_seconds,
-                       "inputs": "random, trained shape"},
+                       "inputs": "random, trained shape", "near_tie": NEAR_TIE},
             "row_independent": rows[sel.selected][0], "notes": notes,
             "limits": {"max_bytes": cfg.max_bytes, "max_rss_mb": cfg.max_rss_mb,
                        "memory": f"fresh process, {EDGE_ROWS} row, {EDGE_THREADS} thread" if memory else None}})
