@@ -123,7 +123,7 @@ def timing(files: dict[str, str], threads: int, runs: int, spec, cfg) -> dict:
     from onnxpipe.core.timing import time_predictors
 
     sessions = {n: make_session(Path(f), device="cpu", threads=threads, spinning=False) for n, f in files.items()}
-    inputs = {b: [np.ascontiguousarray(t.numpy()) for t in spec.example_inputs(cfg, batch=b)] for b in (1, 64)}
+    inputs = {b: [np.ascontiguousarray(t.numpy()) for t in spec.example_inputs(cfg, batch=b).values()] for b in (1, 64)}
     lat = time_predictors(sessions, inputs, warmup=5, runs=runs, min_seconds=0.5, block=3)
     return {n: {str(b): lat[b][n].p50 for b in lat} for n in files}
 

@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = build_model()
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(ds.x_train, ds.y_train, validation_data=(ds.x_val, ds.y_val), epochs=args.epochs, batch_size=32,
+    model.fit(ds.x_train.first, ds.y_train, validation_data=(ds.x_val.first, ds.y_val), epochs=args.epochs, batch_size=32,
               verbose=0)
-    keras_probs = model.predict(ds.x_test, verbose=0)
+    keras_probs = model.predict(ds.x_test.first, verbose=0)
     keras_acc = float((keras_probs.argmax(1) == ds.y_test).mean())
 
     onnx_path = args.onnx or args.out.with_name(args.out.name + ".onnx")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The same as `onnxpipe import <onnx_path> --data digits --run <out>`.
     run = import_onnx(onnx_path, args.out, data="digits", seed=args.seed, limit=args.limit, force=True)
     session = make_session(run.path("onnx"), device="cpu")
-    onnx_probs = session(ds.x_test)
+    onnx_probs = session(ds.x_test.first)
     result = {
         "run": str(run.root),
         "keras_accuracy": keras_acc,

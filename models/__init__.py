@@ -2,6 +2,8 @@
 from .registry import (
     InputSpec,
     ModelSpec,
+    call_model,
+    takes_names,
     UnknownModelError,
     get_model,
     list_models,
@@ -11,6 +13,6 @@ from .registry import (
 from . import cnn, rnn, transformer  # noqa: F401  (registers the built-in models)
 
 __all__ = [
-    "InputSpec", "ModelSpec", "UnknownModelError",
+    "InputSpec", "ModelSpec", "UnknownModelError", "call_model", "takes_names",
     "get_model", "list_models", "register_model", "replace_config",
 ]

@@ -62,6 +62,7 @@ SPEC = register_model(
         config_cls=CNNConfig,
         build=CNN,
         inputs=(InputSpec("image", (1, 28, 28), {0: "batch"}),),
+        input_fn=lambda cfg: (InputSpec("image", cfg.input_shape(), {0: "batch"}, layout="nchw"),),
         data_fields=("in_channels", "image_size", "image_size"),
         student={"channels1": 16, "channels2": 32, "channels3": 32, "hidden": 32},
         sizes={"base": {"channels1": 128, "channels2": 256, "channels3": 256, "hidden": 256}},

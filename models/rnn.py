@@ -101,6 +101,7 @@ for _cell, _cfg in (("lstm", LSTMConfig), ("gru", GRUConfig)):
             config_cls=_cfg,
             build=RNNClassifier,
             inputs=(InputSpec("sequence", (8, 8), {0: "batch", 1: "seq_len"}),),
+            input_fn=lambda cfg: (InputSpec("sequence", cfg.input_shape(), {0: "batch", 1: "seq_len"}),),
             data_fields=("seq_len", "input_size"),
             student={"hidden": 32},
             sizes={"base": {"hidden": 256, "layers": 2}},

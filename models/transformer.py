@@ -98,7 +98,10 @@ class TransformerClassifier(nn.Module):
         """sequence: (N, T, F) floats or (N, T) ids; mask: (N, T) bool, True = real token."""
         x = self.embed(sequence)                           # (N, T, C)
         x = x + self.pos[: x.shape[1]]
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, T) broadcast over heads/queries
+        # (N, 1, T, T): every query row gets the key mask. Expanded rather than broadcast from (N, 1, 1, T):
+        # ONNX Runtime's Attention kernel requires the mask's query axis to match the queries.
+        T = x.shape[1]
+        attn_mask = None if mask is None else mask[:, None, None, :].expand(-1, 1, T, -1)
         for block in self.blocks:
             x = block(x, attn_mask)
         x = self.ln(x)
@@ -108,6 +111,15 @@ class TransformerClassifier(nn.Module):
             w = mask.unsqueeze(-1).to(x.dtype)
             pooled = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
         return self.head(pooled)                           # (N, num_classes)
+
+
+def transformer_inputs(cfg: TransformerConfig) -> tuple[InputSpec, ...]:
+    """Float rows (N, T, F); or, with vocab_size > 0, token ids (N, T) and their padding mask (N, T)."""
+    axes = {0: "batch", 1: "seq_len"}
+    if not cfg.vocab_size:
+        return (InputSpec("sequence", (cfg.seq_len, cfg.input_size), axes),)
+    return (InputSpec("sequence", (cfg.seq_len,), axes, "int64", role="tokens", high=cfg.vocab_size),
+            InputSpec("mask", (cfg.seq_len,), dict(axes), "bool", role="mask"))
 
 
 def _sinusoid(length: int, dim: int) -> torch.Tensor:
@@ -126,6 +138,7 @@ SPEC = register_model(
         config_cls=TransformerConfig,
         build=TransformerClassifier,
         inputs=(InputSpec("sequence", (8, 8), {0: "batch", 1: "seq_len"}),),
+        input_fn=transformer_inputs,
         data_fields=("seq_len", "input_size"),
         # 3 seeds on digits: d_model 32 lost 1.6 points to the teacher on average; 48 stays within 1.5
         student={"d_model": 48, "ff": 96, "layers": 1},

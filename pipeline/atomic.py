@@ -1,11 +1,15 @@
-"""Atomic file writes and sha256: a reader never sees a half-written artifact."""
+"""Atomic file writes and sha256: a reader never sees a half-written artifact.
+
+Files are created with the usual permissions (0666 less the process's umask: 0644 under the common
+umask 022), as `open()` would create them, so a server running as another user, or a container,
+can read what onnxpipe wrote. (tempfile.mkstemp would make every artifact 0600.)"""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterator
 
@@ -18,14 +22,25 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _create_beside(final: Path) -> Path:
+    """A new, empty, uniquely named file beside `final`, made with mode 0666 & ~umask (O_EXCL: never an
+    existing file)."""
+    for _ in range(100):
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {final}")
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it over `final` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_beside(final)
     try:
         yield tmp_path
         os.replace(tmp_path, final)

@@ -13,9 +13,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .serving.config import ServeConfig, TritonConfig
-from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig, PruneConfig,
-                             QuantizeConfig, SelectConfig, TrainConfig, TransferConfig, VerifyConfig, help_of)
+from .serving.config import ServeConfig, TritonConfig, TuneConfig
+from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig, PackageConfig,
+                             PruneConfig, QuantizeConfig, SelectConfig, TrainConfig, TransferConfig, VerifyConfig,
+                             help_of)
 
 app = typer.Typer(
     help="Carry PyTorch models to verified, compressed ONNX Runtime deployments.\n\n"
@@ -32,7 +33,7 @@ DataOpt = Annotated[str, typer.Option("--data", help="digits (bundled, default),
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a model config field, e.g. --set d_model=256 (repeatable).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON or TOML file with sections [model], [train], "
                                                    "[export], [optimize], [quantize], [distill], [prune], [transfer], "
-                                                   "[verify], [select], [bench], [explain]; flags override it.")]
+                                                   "[verify], [select], [bench], [explain], [package]; flags override it.")]
 SizeOpt = Annotated[Optional[str], typer.Option("--size", help="Model size preset: default or base (bigger, for compression experiments).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the data split, initialization and batch order.")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use a seeded subset of N training samples (quick experiments).", min=1)]
@@ -326,6 +327,7 @@ def quantize_cmd(
 def distill_cmd(
     run_dir: RunArg,
     student_scale: Annotated[Optional[float], typer.Option("--student-scale", help=help_of(DistillConfig, "student_scale"))] = None,
+    student_set: Annotated[Optional[list[str]], typer.Option("--student-set", help=help_of(DistillConfig, "student_set") + " Repeatable.")] = None,
     student_model: Annotated[Optional[str], typer.Option("--student-model", help=help_of(DistillConfig, "student_model"))] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help=help_of(DistillConfig, "temperature"))] = None,
     alpha: Annotated[Optional[float], typer.Option("--alpha", help=help_of(DistillConfig, "alpha"))] = None,
@@ -339,12 +341,15 @@ def distill_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Distill a smaller student from the run's teacher, then export, optimize, quantize, verify and select as for the teacher."""
-    from .console import print_table
+    from .console import print_speedup, print_table
     from .orchestrate import stage_distill, stage_select, stage_verify
 
     run = _open(run_dir)
+    from .stages.configs import parse_sets
+
     ctx = _ctx(config, seed=seed, progress=not quiet, distill={
-        "student_scale": student_scale, "student_model": student_model, "temperature": temperature, "alpha": alpha,
+        "student_scale": student_scale, "student_set": tuple(parse_sets(student_set).items()) or None,
+        "student_model": student_model, "temperature": temperature, "alpha": alpha,
         "mixup": mixup, "epochs": epochs, "max_accuracy_drop": max_drop, "scratch_baseline": scratch, "resume": resume})
     for step in (stage_distill, stage_verify, stage_select):
         step(run, ctx)
@@ -355,13 +360,7 @@ def distill_cmd(
         rows.append({"model": "same student from scratch", "params": d["student_params"], "accuracy": d["scratch_accuracy"]})
     print_table(rows, ["model", "params", "accuracy"],
                 title=f"distill: {run.root} (T={d['temperature']}, alpha={d['alpha']}, mixup={d['mixup']})")
-    sp = d.get("speedup", {}).get("64", {})
-    if sp.get("speedup"):
-        typer.echo(f"batch 64: {sp['student_best']} {sp['student_ms']:.3f} ms vs the teacher's fastest {sp['teacher_best']} "
-                   f"{sp['teacher_ms']:.3f} ms: {sp['speedup']:.2f}x")
-    else:
-        typer.echo("no student variant is within the budget against the teacher, so none can be selected")
-    typer.echo(f"selected: {run.selected}")
+    print_speedup(run, d.get("speedup"), "student", "the teacher's fastest", "the teacher")
 
 
 @app.command("prune")
@@ -472,26 +471,65 @@ def select_cmd(
     warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help=help_of(SelectConfig, "warmup"))] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=help_of(SelectConfig, "threads"))] = None,
     objective: Annotated[Optional[str], typer.Option("--objective", help=help_of(SelectConfig, "objective"))] = None,
+    max_bytes: Annotated[Optional[int], typer.Option("--max-bytes", min=1, help=help_of(SelectConfig, "max_bytes"))] = None,
+    max_rss_mb: Annotated[Optional[float], typer.Option("--max-rss-mb", help=help_of(SelectConfig, "max_rss_mb"))] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Time every ONNX variant here and mark the fastest one within budget as `selected`."""
+    """Time every ONNX variant here and mark the fastest one within budget (and the edge limits) as `selected`."""
     from .console import print_table
     from .stages.configs import parse_int_list
     from .stages.select import select
 
     run = _open(run_dir)
     ctx = _ctx(config, select={"batches": parse_int_list(batches, "--batches"), "runs": runs, "warmup": warmup,
-                               "threads": threads, "objective": objective})
+                               "threads": threads, "objective": objective, "max_bytes": max_bytes,
+                               "max_rss_mb": max_rss_mb})
     cfg = ctx.config(SelectConfig, "select")
-    sel = select(run, cfg)
+    sel = select(run, cfg, log_line=lambda msg: typer.echo(msg, err=True))
+    run.reload()
+    memory = cfg.max_rss_mb is not None
     rows = []
     for v in [*sel.ranking, *sel.excluded]:
         lat = run.metrics(v).get("latency_ms", {})
+        rss = (run.metrics(v).get("edge_memory") or {}).get("peak_rss_mb")
+        setting = run.metrics(v).get("session_setting") or {}
         rows.append({"variant": v, **{f"b{b} ms": lat.get(str(b)) for b in cfg.batches},
-                     "bytes": run.artifact(v).bytes, "selected": v == sel.selected, "note": sel.excluded.get(v, "")})
-    print_table(rows, ["variant", *[f"b{b} ms" for b in cfg.batches], "bytes", "selected", "note"],
+                     "threads": setting.get("threads"), "bytes": run.artifact(v).bytes, "peak RSS MB": rss,
+                     "selected": v == sel.selected,
+                     "note": sel.excluded.get(v, "")})
+    print_table(rows, ["variant", *[f"b{b} ms" for b in cfg.batches], "threads", "bytes",
+                       *(["peak RSS MB"] if memory else []),
+                       "selected", "note"],
                 title=f"select: {run.root} (p50 latency, objective {cfg.objective})")
-    typer.echo(f"selected: {sel.selected}")
+    chosen = run.metrics(sel.selected).get("session_setting") or {}
+    typer.echo(f"selected: {sel.selected} ({chosen.get('threads')} thread(s), {chosen.get('execution_mode')}, "
+               f"spinning {'on' if chosen.get('spinning') else 'off'}: serve and export-triton start from this)")
+
+
+@app.command("package")
+@user_errors
+def package_cmd(
+    run_dir: RunArg,
+    out_dir: Annotated[Path, typer.Argument(help="The package folder to write (new, empty, or an earlier package with --force).")],
+    target: Annotated[Optional[str], typer.Option("--target", help=help_of(PackageConfig, "target"))] = None,
+    variant: VariantOpt = None,
+    check: Annotated[Optional[bool], typer.Option("--check", help=help_of(PackageConfig, "check"))] = None,
+    force: Annotated[Optional[bool], typer.Option("--force", help=help_of(PackageConfig, "force"))] = None,
+    ort_level: Annotated[Optional[str], typer.Option("--ort-level", help=help_of(PackageConfig, "ort_level"))] = None,
+    chromium: Annotated[Optional[str], typer.Option("--chromium", help=help_of(PackageConfig, "chromium"))] = None,
+    npm_cache: Annotated[Optional[str], typer.Option("--npm-cache", help=help_of(PackageConfig, "npm_cache"))] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help=help_of(PackageConfig, "timeout_s"))] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write a deployment folder for the edge: ORT format + reduced-build operator config, or a web page (WASM)."""
+    from .console import print_package
+    from .orchestrate import run_package
+
+    run = _open(run_dir)
+    ctx = _ctx(config, package={"target": target, "variant": variant, "check": check, "force": force,
+                                "ort_level": ort_level, "chromium": chromium, "npm_cache": npm_cache,
+                                "timeout_s": timeout})
+    print_package(run_package(run, ctx, out_dir))
 
 
 @app.command("import")
@@ -537,30 +575,102 @@ def show_cmd(run_dir: RunArg) -> None:
 
 # --- serving (pipeline/serving/, pipeline/stages/predict.py) ------------------------------------------
 
+def _serve_opt(field: str, flag: str | None = None, **kw):
+    """A `serve`/`tune` option whose help text (and default) is ServeConfig's."""
+    return typer.Option(flag or "--" + field.replace("_", "-"), help=help_of(ServeConfig, field), **kw)
+
+
 @app.command("serve")
 @user_errors
 def serve_cmd(
-    run_dir: RunArg,
+    run_dirs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders to serve, e.g. exports/cnn; several: several "
+                                                             "models, and runs of the same model are its versions 1, 2, ... in this order.")] = None,
+    repository: Annotated[Optional[Path], typer.Option("--repository", help="Serve every run folder under DIR: DIR/NAME "
+                                                        "(version 1) or DIR/NAME/N (version N), Triton's layout.")] = None,
     variant: VariantOpt = None,
-    host: Annotated[Optional[str], typer.Option("--host", help=help_of(ServeConfig, "host"))] = None,
-    port: Annotated[Optional[int], typer.Option("--port", help=help_of(ServeConfig, "port"))] = None,
+    host: Annotated[Optional[str], _serve_opt("host")] = None,
+    port: Annotated[Optional[int], _serve_opt("port")] = None,
+    grpc_port: Annotated[Optional[int], _serve_opt("grpc_port")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if ONNX Runtime has it, else CPU; the log says which), cpu, or cuda (an error if CUDA is not usable).")] = "auto",
-    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help=help_of(ServeConfig, "max_batch"))] = None,
-    max_delay_ms: Annotated[Optional[float], typer.Option("--max-delay-ms", help=help_of(ServeConfig, "max_delay_ms"))] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="ONNX Runtime intra-op threads (default: the cores this process may use).")] = None,
-    max_body_mb: Annotated[Optional[float], typer.Option("--max-body-mb", help=help_of(ServeConfig, "max_body_mb"))] = None,
+    max_batch: Annotated[Optional[int], _serve_opt("max_batch")] = None,
+    max_delay_ms: Annotated[Optional[float], _serve_opt("max_delay_ms")] = None,
+    threads: Annotated[Optional[int], _serve_opt("threads", min=1)] = None,
+    workers: Annotated[Optional[int], _serve_opt("workers")] = None,
+    max_body_mb: Annotated[Optional[float], _serve_opt("max_body_mb")] = None,
+    max_queue: Annotated[Optional[int], _serve_opt("max_queue")] = None,
+    max_inflight_mb: Annotated[Optional[float], _serve_opt("max_inflight_mb")] = None,
+    timeout_ms: Annotated[Optional[float], _serve_opt("timeout_ms")] = None,
+    header_timeout_s: Annotated[Optional[float], _serve_opt("header_timeout_s")] = None,
+    body_timeout_s: Annotated[Optional[float], _serve_opt("body_timeout_s")] = None,
+    shadow_rate: Annotated[Optional[float], _serve_opt("shadow_rate")] = None,
+    shadow_window: Annotated[Optional[int], _serve_opt("shadow_window")] = None,
+    poll_s: Annotated[Optional[float], _serve_opt("poll_s")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Model name in the URLs (default: the run's model, e.g. cnn).")] = None,
     access_log: Annotated[Optional[bool], typer.Option("--access-log/--no-access-log", help=help_of(ServeConfig, "access_log"))] = None,
 ) -> None:
-    """Serve a run's variant over the Open Inference Protocol (KServe v2 REST) until SIGTERM / Ctrl-C."""
-    from .serving.app import serve
-    from .serving.model import ServedModel
-    from .stages.configs import build_config
+    """Serve run folders over the Open Inference Protocol (KServe v2 REST, and gRPC with --grpc-port) until SIGTERM / Ctrl-C."""
+    from .serving.launch import main
 
-    cfg = build_config(ServeConfig, None, {"host": host, "port": port, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
-                                           "max_body_mb": max_body_mb, "access_log": access_log}, stage="serve")
-    model = ServedModel.prepare(_open(run_dir), variant, device=device, threads=threads, name=name)
-    raise typer.Exit(serve(model, cfg))
+    flags = {"host": host, "port": port, "grpc_port": grpc_port, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
+             "threads": threads, "workers": workers, "max_body_mb": max_body_mb, "max_queue": max_queue,
+             "max_inflight_mb": max_inflight_mb, "timeout_ms": timeout_ms, "header_timeout_s": header_timeout_s,
+             "body_timeout_s": body_timeout_s, "shadow_rate": shadow_rate, "shadow_window": shadow_window,
+             "poll_s": poll_s, "access_log": access_log}
+    raise typer.Exit(main(list(run_dirs or []), repository, variant=variant, name=name, device=device, flags=flags))
+
+
+@app.command("tune")
+@user_errors
+def tune_cmd(
+    run_dir: RunArg,
+    p99_ms: Annotated[Optional[float], typer.Option("--p99-ms", help=help_of(TuneConfig, "p99_ms"))] = None,
+    threads: Annotated[Optional[str], typer.Option("--threads", help=help_of(TuneConfig, "threads"))] = None,
+    workers: Annotated[Optional[str], typer.Option("--workers", help=help_of(TuneConfig, "workers"))] = None,
+    max_batch: Annotated[Optional[str], typer.Option("--max-batch", help=help_of(TuneConfig, "max_batch"))] = None,
+    max_delay_ms: Annotated[Optional[str], typer.Option("--max-delay-ms", help=help_of(TuneConfig, "max_delay_ms"))] = None,
+    concurrency: Annotated[Optional[str], typer.Option("--concurrency", help=help_of(TuneConfig, "concurrency"))] = None,
+    seconds: Annotated[Optional[float], typer.Option("--seconds", help=help_of(TuneConfig, "seconds"))] = None,
+    warmup_s: Annotated[Optional[float], typer.Option("--warmup-s", help=help_of(TuneConfig, "warmup_s"))] = None,
+    binary: Annotated[Optional[bool], typer.Option("--binary/--json", help=help_of(TuneConfig, "binary"))] = None,
+    batch: Annotated[Optional[int], typer.Option("--batch", help=help_of(TuneConfig, "batch"))] = None,
+    confirm: Annotated[Optional[int], typer.Option("--confirm", help=help_of(TuneConfig, "confirm"))] = None,
+    write: Annotated[Optional[bool], typer.Option("--write/--no-write", help=help_of(TuneConfig, "write"))] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda: the device the servers run on.")] = "cpu",
+) -> None:
+    """Sweep serving settings (threads, workers, max batch, max delay) with a bounded load on loopback; write the best
+    one whose p99 meets --p99-ms into the run (serve's and export-triton's defaults) and its plot into the report."""
+    from .console import print_table
+    from .serving.tune import tune
+    from .stages.configs import build_config, parse_float_list, parse_int_list
+    from .stages.report import write_report
+
+    cfg = build_config(TuneConfig, None, {
+        "p99_ms": p99_ms, "threads": parse_int_list(threads, "--threads", "1,2"),
+        "workers": parse_int_list(workers, "--workers", "1,2"), "max_batch": parse_int_list(max_batch, "--max-batch", "1,8,32"),
+        "max_delay_ms": parse_float_list(max_delay_ms, "--max-delay-ms"),
+        "concurrency": parse_int_list(concurrency, "--concurrency", "1,8,32"), "seconds": seconds, "warmup_s": warmup_s,
+        "binary": binary, "batch": batch, "confirm": confirm, "write": write}, stage="tune")
+    run = _open(run_dir)
+    record = tune(run, cfg, device=device, progress=lambda line: typer.echo(line, err=True))
+    rows = [{"threads": p["setting"]["threads"], "workers": p["setting"]["workers"], "max batch": p["setting"]["max_batch"],
+             "delay ms": f"{p['setting']['max_delay_ms']:g}", "clients": p["concurrency"], "req/s": f"{p['rps']:.0f}",
+             "p50 ms": f"{p['p50_ms']:.2f}" if p["p50_ms"] is not None else "-",
+             "p99 ms": f"{p['p99_ms']:.2f}" if p["p99_ms"] is not None else "-",
+             "rows/call": p.get("rows_per_call", "-"), "errors": p["errors"] + p["non_200"]} for p in record["sweep"]]
+    print_table(rows, list(rows[0]), title=f"serving sweep of {run.root} (variant {record['variant']})")
+    for p in record["confirmation"]:
+        m = p["measurements"]
+        typer.echo(f"confirmed: threads {p['setting']['threads']}, workers {p['setting']['workers']}, max batch "
+                   f"{p['setting']['max_batch']}, delay {p['setting']['max_delay_ms']:g} ms at {p['concurrency']} clients: "
+                   f"{m[0]['rps']:.0f} then {m[1]['rps']:.0f} req/s, p99 {m[0]['p99_ms']:.2f} then {m[1]['p99_ms']:.2f} ms")
+    s, c = record["settings"], record["chosen"]
+    typer.echo(f"chosen: threads {s['threads']}, workers {s['workers']}, max batch {s['max_batch']}, max delay "
+               f"{s['max_delay_ms']:g} ms: {c['rps']:.0f} req/s at {c['concurrency']} clients, p99 {c['p99_ms']:.2f} ms "
+               f"(target {record['p99_ms']:g} ms)")
+    if cfg.write:
+        page, _ = write_report(run)
+        typer.echo(f"written into {run.root}/manifest.json (section serving): `onnxpipe serve {run_dir}` and "
+                   f"`onnxpipe export-triton` now start from it; plot in {page}")
 
 
 @app.command("predict")
@@ -597,15 +707,27 @@ def export_triton_cmd(
     max_delay_ms: Annotated[Optional[float], typer.Option("--max-delay-ms", help=help_of(TritonConfig, "max_delay_ms"))] = None,
     device: Annotated[Optional[str], typer.Option("--device", help=help_of(TritonConfig, "device"))] = None,
     instances: Annotated[Optional[int], typer.Option("--instances", help=help_of(TritonConfig, "instances"))] = None,
+    preferred_batch: Annotated[Optional[str], typer.Option("--preferred-batch", help=help_of(TritonConfig, "preferred_batch"))] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help=help_of(TritonConfig, "threads"))] = None,
+    execution_mode: Annotated[Optional[str], typer.Option("--execution-mode",
+                                                          help=help_of(TritonConfig, "execution_mode"))] = None,
     force: Annotated[Optional[bool], typer.Option("--force", help=help_of(TritonConfig, "force"))] = None,
 ) -> None:
-    """Write a Triton Inference Server model repository (config.pbtxt + 1/model.onnx) for scaling out."""
-    from .serving.triton import export_triton
-    from .stages.configs import build_config
+    """Write a Triton Inference Server model repository (config.pbtxt + 1/model.onnx) for scaling out; after
+    `onnxpipe tune RUN`, with the measured instance count, preferred batch size, queue delay and threads; else
+    with the threads and execution mode `onnxpipe select` measured fastest for the variant."""
+    from .serving.triton import export_triton, recorded_triton
+    from .stages.configs import build_config, parse_int_list
 
-    cfg = build_config(TritonConfig, None, {"name": name, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
-                                            "device": device, "instances": instances, "force": force}, stage="triton")
-    entry = export_triton(_open(run_dir), out_dir, variant, cfg)
+    run = _open(run_dir)
+    recorded, source = recorded_triton(run, variant)
+    flags = {"name": name, "max_batch": max_batch, "max_delay_ms": max_delay_ms, "device": device, "instances": instances,
+             "preferred_batch": parse_int_list(preferred_batch, "--preferred-batch", "8,32"), "threads": threads,
+             "execution_mode": execution_mode, "force": force}
+    cfg = build_config(TritonConfig, recorded, flags, stage="triton")
+    if source:
+        typer.echo(f"settings recorded in the run: {source} (flags given win)")
+    entry = export_triton(run, out_dir, variant, cfg)
     typer.echo(f"wrote {entry}/config.pbtxt and {entry}/1/model.onnx; serve with "
                f"`tritonserver --model-repository {out_dir}`")
 

@@ -76,12 +76,19 @@ def print_pruning(run) -> None:
     plan = [{"layer": r["group"], "kind": r["kind"], "units": r.get("size", "-"), "kept": r.get("kept", "-"),
              "pruned": len(r["pruned_units"])} for r in p["plan"]]
     print_table(plan, ["layer", "kind", "units", "kept", "pruned"], title="pruning plan")
-    sp = (p.get("speedup") or {}).get("64", {})
+    print_speedup(run, p.get("speedup"), "pruned", "the unpruned fastest", "the unpruned model")
+
+
+def print_speedup(run, speedup: dict | None, branch: str, fastest: str, reference: str) -> None:
+    """The batch-64 line of select.branch_speedup for `branch` (student, pruned), then the selected variant."""
+    import typer
+
+    sp = (speedup or {}).get("64", {})
     if sp.get("speedup"):
-        typer.echo(f"batch 64: {sp['pruned_best']} {sp['pruned_ms']:.3f} ms vs the unpruned fastest {sp['teacher_best']} "
+        typer.echo(f"batch 64: {sp[f'{branch}_best']} {sp[f'{branch}_ms']:.3f} ms vs {fastest} {sp['teacher_best']} "
                    f"{sp['teacher_ms']:.3f} ms: {sp['speedup']:.2f}x")
     else:
-        typer.echo("no pruned variant is within the budget against the unpruned model, so none can be selected")
+        typer.echo(f"no {branch} variant is within the budget against {reference}, so none can be selected")
     typer.echo(f"selected: {run.selected}")
 
 
@@ -155,6 +162,41 @@ def print_bench(run, info: dict, device: str) -> None:
                        f"GFLOP/s, INT8 matmul {x['int8_gops']:.0f} GOP/s, per-call overhead ORT "
                        f"{1000 * x['overhead_ms']:.0f} us, torch {1000 * x['torch_overhead_ms']:.0f} us")
     typer.echo(f"results in {run.root / 'manifest.json'} (metrics.<variant>.bench)")
+
+
+def print_package(pkg) -> None:
+    """What `onnxpipe package` wrote, with its evidence."""
+    import typer
+
+    m = pkg.info
+    src = m["source"]
+    typer.echo(f"{m['target']} package of {src['model']} variant {src['variant']} -> {pkg.out} "
+               f"({len(m['files'])} files, {m['bytes'] / 1024:.1f} KiB)")
+    for p in m["parity"]:
+        rule = (f"max abs {p['max_abs']:.2e} (atol {p['atol']:g}, rtol {p['rtol']:g})" if p["rule"] == "tensor"
+                else f"top-1 agreement {p['agreement']:.4f} (min {p['min_agreement']})")
+        typer.echo(f"parity {p['reference']} -> {p['candidate']} over {len(p['shapes'])} shape(s): "
+                   f"{'pass' if p['passed'] else 'FAIL'}, {rule}")
+    if m["target"] == "ort":
+        ops = m["operators"]
+        mem = m["memory"]
+        typer.echo(f"{m['model']['file']} at level {m['model']['optimization_level']}; {ops['config']}: {ops['count']} "
+                   f"operators, every node listed ({', '.join(ops['domains'])})")
+        typer.echo(f"peak RSS of a fresh process (load + 1 row, {mem['ort']['threads']} thread): .ort "
+                   f"{mem['ort']['peak_rss_mb']:.1f} MB, .onnx {mem['onnx']['peak_rss_mb']:.1f} MB")
+    elif m["checked_in_browser"]:
+        b = m["browser"]
+        lat = b["latency_b1"]
+        typer.echo(f"{b['browser']}: {b['rows']} reference inputs, {b['requests']} requests, all to the package's "
+                   f"own folder; batch 1: WASM {lat['browser_wasm_ms']:.3f} ms vs native CPU {lat['native_cpu_ms']:.3f} ms "
+                   f"({lat['threads']} thread)")
+        if b.get("preprocessing"):
+            typer.echo(f"image preprocessing vs onnxpipe predict: max abs {b['preprocessing']['max_abs_vs_python']:.2e}")
+        typer.echo(f"screenshot: {b['screenshot']} in the run folder (shown by `onnxpipe report`)")
+    else:
+        typer.echo("not run in a browser: pass --check to prove it in headless Chromium")
+    if m["target"] == "web":
+        typer.echo(f"open it: python -m http.server -d {pkg.out} 8000, then http://127.0.0.1:8000/")
 
 
 class _Stderr(logging.Handler):

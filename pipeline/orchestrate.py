@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .core.data import Dataset, load_dataset, reload_dataset
+from .core.data import Dataset, load_dataset, recorded_inputs, recorded_normalizations, reload_dataset
 from .core.policy import POLICY, entry_verdict, policy_for
 from .errors import ConfigError, DataError, RunFolderError
 from .runfolder import Run
-from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig, PruneConfig,
-                             QuantizeConfig, SelectConfig, TrainConfig, TransferConfig, VerifyConfig, build_config)
+from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig, PackageConfig,
+                             PruneConfig, QuantizeConfig, SelectConfig, TrainConfig, TransferConfig, VerifyConfig,
+                             build_config)
 
 log = logging.getLogger("onnxpipe")
 
@@ -90,12 +91,15 @@ def prepare_run(model: str, root: Path, *, data: str = "digits", overrides: dict
         cfg = spec.make_config(overrides, size)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
-    ds = load_dataset(data, spec.family, image_size=getattr(cfg, "image_size", 28), num_classes=cfg.num_classes,
-                      seed=seed, limit=limit, classes=classes, per_class=per_class)
+    ds = load_dataset(data, spec.input_specs(cfg), num_classes=cfg.num_classes, seed=seed, limit=limit,
+                      classes=classes, per_class=per_class)
     try:
-        cfg = spec.adapt_to_data(cfg, ds.sample_shape)
+        cfg = spec.adapt_to_data(cfg, ds.sample_shapes)
     except ValueError as e:
         raise DataError(str(e)) from None
+    # Record the inputs as the adapted config has them (sequence lengths and widths from the data).
+    adapted = {s.name: s.to_json() for s in spec.input_specs(cfg)}
+    ds.info["inputs"] = [{**r, **adapted.get(r["name"], {})} for r in ds.info["inputs"]]
     extra = {"size": size or "default", **({"model_source": spec.source} if spec.source else {})}
     run = Run.create(root, spec.name, asdict(cfg), ds.info, force=force, extra=extra)
     return run, ds
@@ -186,10 +190,10 @@ def stage_verify(run: Run, ctx: Context) -> list:
     return reports
 
 
-def stage_select(run: Run, ctx: Context) -> None:
+def stage_select(run: Run, ctx: Context, log_line: Callable[[str], None] | None = None) -> None:
     from .stages.select import select
 
-    select(run, ctx.config(SelectConfig, "select"))
+    select(run, ctx.config(SelectConfig, "select"), log_line=log_line)
     from .stages.select import branch_speedup
 
     # the student's and the pruned model's speedup over the teacher's fastest variant, as timed here
@@ -218,6 +222,14 @@ def stage_report(run: Run, ctx: Context, *, divergence: bool = True) -> tuple[Pa
     if divergence and run.dataset_info:
         record_node_divergence(run, ctx.data_for(run))
     return write_report(run)
+
+
+def run_package(run: Run, ctx: Context, out: Path):
+    """`onnxpipe package RUN OUT`: not a step of `onnxpipe run` (it needs a destination), configured the same
+    way ([package] section, then flags; the model's own tolerances first)."""
+    from .stages.package import package
+
+    return package(run, ctx.config(PackageConfig, "package", run), out)
 
 
 StageFn = Callable[[Run, Context], Any]
@@ -303,13 +315,15 @@ def transfer_run(source_root: Path, root: Path, ctx: Context, *, force: bool = F
         raise ConfigError("--stages train: the transfer trains the new run itself; name the stages after it "
                           f"({', '.join(n for n in STAGE_NAMES if n != 'train')})")
     src_data = source.dataset_info or {}
-    spec = source.spec_of("torch")
-    ds = load_dataset(ctx.data, spec.family, image_size=src_data.get("image_size") or 28, num_classes=None,
-                      seed=ctx.seed, limit=ctx.limit, classes=ctx.classes, per_class=ctx.per_class,
-                      normalization=src_data.get("normalization"))
-    if tuple(ds.sample_shape) != tuple(src_data.get("sample_shape", ds.sample_shape)):
-        raise DataError(f"the new data's samples are shaped {tuple(ds.sample_shape)} but the source model takes "
-                        f"{tuple(src_data['sample_shape'])}")
+    if not src_data:
+        raise RunFolderError(f"{source_root} records no data; transfer needs the source's inputs and normalization")
+    ds = load_dataset(ctx.data, recorded_inputs(src_data), num_classes=None, seed=ctx.seed, limit=ctx.limit,
+                      classes=ctx.classes, per_class=ctx.per_class, normalization=recorded_normalizations(src_data))
+    want = {r["name"]: tuple(r["sample_shape"]) for r in src_data.get("inputs", []) if r.get("sample_shape")} or \
+        {ds.x_train.names[0]: tuple(src_data.get("sample_shape", ds.sample_shape))}
+    got = {k: tuple(v) for k, v in ds.sample_shapes.items() if k in want}
+    if got != want:
+        raise DataError(f"the new data's samples are shaped {got} but the source model takes {want}")
     run = transfer(source, root, cfg, ds, force=force, progress=ctx.progress)
     ctx.dataset = ds
     if stages:

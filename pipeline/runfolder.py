@@ -331,6 +331,11 @@ class Run:
             raise RunFolderError(f"{self.root / MANIFEST}: no resolver for model source kind {kind!r} (known: {known})")
         return resolver(name, source)
 
+    def recorded_model_config(self, variant: str | None = None) -> dict:
+        """The settings of the network behind `variant` as recorded (plain data: its config's fields). Unlike
+        model_config_of this imports no model library (the server reads it without importing torch)."""
+        return dict(self._model_record(variant)[1])
+
     def model_config_of(self, variant: str | None = None):
         """The config dataclass of the network behind `variant` (see spec_of)."""
         _, values = self._model_record(variant)

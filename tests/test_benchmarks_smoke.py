@@ -99,3 +99,37 @@ def test_transfer_benchmark_smoke(tmp_path):
     cell = res["models"]["cnn"]["summary"]["5"]
     assert set(cell) >= {"frozen", "fine-tuned", "scratch"} and 0 <= cell["scratch"]["mean"] <= 1
     assert (tmp_path / "c.png").stat().st_size > 1000 and "![transfer curves](c.png)" in md.read_text()
+
+
+def test_edge_benchmark_smoke(tiny_run, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run("cnn"), runs / "cnn-default")          # reused: the script packages and measures it
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nHand-written notes stay.\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "edge.py"), "--models", "cnn", "--out", str(runs), "--runs", "2",
+           "--loads", "2", "--no-web", "--json", str(tmp_path / "edge.json"), "--markdown", str(md)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "edge.json").read_text())["rows"]
+    assert row["model"] == "cnn" and row["variant"] == "onnx" and row["ort_parity_max_abs"] < 1e-4
+    assert set(row["load_ms"]) == {".onnx", ".onnx ext", ".ort"} and all(v > 0 for v in row["load_ms"].values())
+    assert row["latency_ms"]["1"][".ort"] > 0 and row["peak_rss_mb"]["ort"] > 0
+    text = md.read_text()
+    assert text.startswith("# Results\n\nHand-written notes stay.") and text.count("<!-- edge:begin -->") == 1
+    assert "| cnn | onnx |" in text and "edge.py --models cnn" in text
+
+
+def test_serving_benchmarks_smoke(tiny_run, tmp_path):
+    """benchmarks/serving.py (latency with gRPC, the orjson-vs-json servers) and benchmarks/overload.py (slow clients),
+    with tiny settings; peers.py needs its own virtual environments and is not run here."""
+    run = tiny_run("cnn")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), str(run), "--parts", "latency,codec",
+                           "--requests", "60", "--seconds", "0.3", "--rounds", "1", "--clients", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| gRPC (raw_input_contents) |" in done.stdout and "| standard json |" in done.stdout
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overload.py"), str(run), "--parts", "slow"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for what in ("half the headers", "half the body"):
+        assert f"a client that sends {what} and waits: answered 'HTTP/1.1 408'" in done.stdout

@@ -34,11 +34,11 @@ def test_digits_split_shapes_and_normalization():
     ds = load_dataset("digits", "image")
     n = len(ds.x_train) + len(ds.x_val) + len(ds.x_test)
     assert n == 1797 and len(ds.x_test) == 360
-    assert ds.x_train.shape[1:] == (1, 28, 28) and ds.x_train.dtype == np.float32
-    assert abs(ds.x_train.mean()) < 1e-4 and abs(ds.x_train.std() - 1) < 1e-3
+    assert ds.x_train.first.shape[1:] == (1, 28, 28) and ds.x_train.first.dtype == np.float32
+    assert abs(ds.x_train.first.mean()) < 1e-4 and abs(ds.x_train.first.std() - 1) < 1e-3
     assert set(np.unique(ds.y_test)) == set(range(10))  # stratified
     seq = load_dataset("digits", "sequence")
-    assert seq.x_train.shape[1:] == (8, 8)
+    assert seq.x_train.first.shape[1:] == (8, 8)
     assert ds.info["split"] == seq.info["split"]  # same seed, same split for both families
 
 
@@ -61,10 +61,10 @@ def test_mnist_idx_gzipped_and_raw(tmp_path, gz):
     assert len(ds.x_test) == 20 and (ds.y_test == y_te).all()  # t10k is the test split
     assert len(ds.x_train) + len(ds.x_val) == 60
     norm = ds.info["normalization"]
-    restored = (ds.x_test * norm["std"] + norm["mean"]) / norm["scale"]
+    restored = (ds.x_test.first * norm["std"] + norm["mean"]) / norm["scale"]
     np.testing.assert_allclose(restored, x_te, atol=1e-3)
     img = load_dataset(f"mnist:{tmp_path / 'm'}", "image")
-    assert img.x_train.shape[1:] == (1, 28, 28)
+    assert img.x_train.first.shape[1:] == (1, 28, 28)
 
 
 def test_read_idx_roundtrip(tmp_path):
@@ -108,7 +108,7 @@ def test_npz_source_and_errors(tmp_path):
     y = np.arange(100) % 10
     np.savez(tmp_path / "ok.npz", x=x, y=y)
     ds = load_dataset(f"npz:{tmp_path / 'ok.npz'}", "image")
-    assert ds.x_train.shape[1:] == (1, 28, 28)  # resized to the CNN's input
+    assert ds.x_train.first.shape[1:] == (1, 28, 28)  # resized to the CNN's input
     assert ds.info["normalization"]["scale"] == pytest.approx(1 / 255)
 
     np.savez(tmp_path / "labels.npz", x=x, y=y + 5)
@@ -135,7 +135,7 @@ def test_reload_detects_changed_source(tmp_path):
     np.savez(tmp_path / "d.npz", x=x, y=y)
     ds = load_dataset(f"npz:{tmp_path / 'd.npz'}", "sequence")
     again = reload_dataset(ds.info)
-    np.testing.assert_array_equal(again.x_test, ds.x_test)
+    np.testing.assert_array_equal(again.x_test.first, ds.x_test.first)
     np.savez(tmp_path / "d.npz", x=x * 2, y=y)
     with pytest.raises(DataError, match="changed since this run was made"):
         reload_dataset(ds.info)

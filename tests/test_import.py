@@ -62,7 +62,8 @@ def test_import_makes_onnx_the_root(imported):
     assert run.manifest["selected"] == "onnx" and run.lineage("onnx") == ["onnx"]
     source = run.manifest["model_source"]
     assert source["kind"] == "onnx" and source["external_data_files"][0].endswith("cnn.weights")
-    assert source["inputs"] == [{"name": "image", "shape": [1, 28, 28], "dynamic": {"0": "batch"}, "dtype": "float32"}]
+    assert source["inputs"] == [{"name": "image", "shape": [1, 28, 28], "dynamic": {"0": "batch"}, "dtype": "float32",
+                                 "role": "data", "layout": "nchw"}]
     # the weights were folded in: one file, one sha256 in the manifest
     assert sorted(p.name for p in run.root.iterdir()) == ["manifest.json", "model.onnx", "reference.npz"]
     # the same model on the same test split: the same accuracy as where it came from

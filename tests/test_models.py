@@ -31,7 +31,7 @@ def test_forward_shape_and_batch(name):
     cfg = spec.make_config()
     model = spec.build(cfg).eval()
     for batch in (1, 5):
-        (x,) = spec.example_inputs(cfg, batch=batch)
+        (x,) = spec.example_inputs(cfg, batch=batch).values()
         assert model(x).shape == (batch, cfg.num_classes)
 
 
@@ -41,7 +41,7 @@ def test_sequence_models_take_any_length(name):
     cfg = spec.make_config()
     model = spec.build(cfg).eval()
     for t in (1, 3, 17):
-        (x,) = spec.example_inputs(cfg, batch=2, seq_len=t)
+        (x,) = spec.example_inputs(cfg, batch=2, seq_len=t).values()
         assert x.shape[1] == t
         assert model(x).shape == (2, 10)
 
@@ -96,9 +96,12 @@ def test_transformer_padding_mask_ignores_padded_steps():
 def test_transformer_token_ids():
     spec = get_model("transformer")
     cfg = spec.make_config({"vocab_size": 50})
-    (x,) = spec.example_inputs(cfg, batch=3)
-    assert x.dtype == torch.int64 and spec.input_specs(cfg)[0].dtype == "int64"
-    assert spec.build(cfg)(x).shape == (3, 10)
+    ex = spec.example_inputs(cfg, batch=3)
+    x, mask = ex["sequence"], ex["mask"]
+    assert x.dtype == torch.int64 and spec.input_specs(cfg)[0].dtype == "int64" and int(x.max()) < 50
+    assert mask.dtype == torch.bool and mask[0].all() and (mask.sum(1) >= 1).all()
+    assert (x[~mask] == 0).all()  # padding past each row's length
+    assert spec.build(cfg)(x).shape == (3, 10) and spec.build(cfg)(x, mask).shape == (3, 10)
 
 
 def test_adapt_to_data_sets_shape_fields():

@@ -9,12 +9,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from onnxpipe.cli import app
-from onnxpipe.core.data import _shape_for
+from onnxpipe.core.data import family_inputs, to_image
 from onnxpipe.errors import DataError
 from onnxpipe.stages.predict import load_inputs, predict_files
 from onnxpipe.runfolder import Run
 
-SHAPE = [None, 1, 28, 28]
+def specs(run: Run):
+    return run.spec.input_specs(run.model_config())
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def digit():
 
 def training_input(run: Run, raw8x8: np.ndarray) -> np.ndarray:
     norm = run.manifest["dataset"]["normalization"]
-    x = _shape_for(raw8x8[None], "image", 28, "digits") * norm["scale"]
+    x = to_image(raw8x8[None], family_inputs("image", 28)[0], "digits") * norm["scale"]
     return ((x - norm["mean"]) / norm["std"]).astype(np.float32)
 
 
@@ -43,7 +44,7 @@ def test_png_becomes_the_training_input(tiny_run, digit, tmp_path):
     paper.save(tmp_path / "paper.png")
     tol = 1.5 / 255 / run.manifest["dataset"]["normalization"]["std"]  # uint8 rounding, in normalized units
     for name, atol in (("small.png", tol), ("paper.png", tol), ("paper.jpg", 10 * tol)):
-        got = load_inputs(run, tmp_path / name, SHAPE, "tensor(float)")
+        got = load_inputs(run, tmp_path / name, specs(run)).first
         assert got.shape == (1, 1, 28, 28) and got.dtype == np.float32
         np.testing.assert_allclose(got, want, atol=atol, err_msg=name)
 
@@ -93,7 +94,7 @@ def _written(path, data: bytes):
 def test_bad_inputs_are_clear_errors(tiny_run, tmp_path, case, make, words):
     path = make(tmp_path)
     with pytest.raises(DataError, match=words):
-        load_inputs(Run.open(tiny_run("cnn")), path, SHAPE, "tensor(float)")
+        load_inputs(Run.open(tiny_run("cnn")), path, specs(Run.open(tiny_run("cnn"))))
     result = CliRunner().invoke(app, ["predict", str(tiny_run("cnn")), str(path)])
     assert result.exit_code == 1 and words in result.output and "Traceback" not in result.output
 
@@ -111,7 +112,7 @@ def test_predict_and_training_normalize_identically(tmp_path):
     run, ds = prepare_run("lstm", tmp_path / "run", data=f"npz:{tmp_path / 'data.npz'}")
     train_idx = stratified_split(y, (0.7, 0.1), seed=0)[0]
     np.save(tmp_path / "raw.npy", x[train_idx])
-    got = load_inputs(run, tmp_path / "raw.npy", [None, None, 8], "tensor(float)", raw=True)
-    assert got.dtype == ds.x_train.dtype and got.tobytes() == ds.x_train.tobytes()
+    got = load_inputs(run, tmp_path / "raw.npy", specs(run), raw=True).first
+    assert got.dtype == ds.x_train.first.dtype and got.tobytes() == ds.x_train.first.tobytes()
     again = load_dataset(f"npz:{tmp_path / 'data.npz'}", "sequence")
-    assert again.x_train.tobytes() == ds.x_train.tobytes()
+    assert again.x_train.first.tobytes() == ds.x_train.first.tobytes()

@@ -20,6 +20,7 @@ from onnxpipe.models import get_model
 from onnxpipe.runfolder import Run
 from onnxpipe.stages.configs import ExportConfig, PruneConfig
 from onnxpipe.stages.export import export
+from onnxpipe.stages.train import evaluate
 from onnxpipe.stages.prune import (apply_plan, equivalence_report, importance, plan_keep, prune, structure_of,
                                    zeroed)
 
@@ -210,11 +211,33 @@ def test_a_user_model_is_pruned_through_torch_pruning_and_rebuilt_from_its_histo
     assert history and all(len(step) == 3 for step in history)
     net, _, _ = load_torch_variant(run, "pruned")                   # a fresh build + the replayed history
     assert sum(t.numel() for t in net.parameters()) == p["params_after"]
-    x = torch.from_numpy(ds.x_test[:16])
-    acc = float((net(x).argmax(1).numpy() == ds.y_test[:16]).mean())
-    assert abs(acc - float((run.metrics("pruned")["accuracy"]))) <= 1.0  # it runs; the metric is on all rows
+    acc, _ = evaluate(net, ds.x_test, ds.y_test)                   # the rebuilt network is the one scored
+    assert acc == run.metrics("pruned")["accuracy"]
     export(run, ExportConfig(batches=(1, 7)), source="pruned", target="pruned_onnx")
     assert run.parity(reference="pruned", candidate="pruned_onnx")[0]["passed"]
+
+
+def test_a_user_model_with_two_named_inputs_is_pruned_through_torch_pruning(two_inputs, tmp_path):
+    """forward(rows, aux): Torch-Pruning traces it with the inputs by name (as every stage calls it); a GRU
+    whose output is concatenated is beyond its graph: one clear error, no traceback."""
+    from onnxpipe.orchestrate import Context, run_model
+
+    factories, data = two_inputs
+    ctx = Context(data=data, limit=300, progress=False, sections={"train": {"epochs": 2, "lr": 1e-2}})
+    run = run_model(f"{factories}:two_dense_inputs", tmp_path / "run", ctx, stages=["train"])
+    ds = reload_dataset(run.dataset_info)
+    prune(run, PruneConfig(ratio=0.5, epochs=1, importance="taylor", taylor_samples=32), ds, progress=False)
+    changed = run.section("pruning")["changed_parameters"]
+    assert changed["rows.1.weight"] == [[16, 64], [8, 64]] and changed["aux.weight"] == [[16, 8], [8, 8]]
+    assert changed["head.weight"] == [[10, 32], [10, 16]]           # both branches shrink into the classifier
+    net, _, _ = load_torch_variant(run, "pruned")
+    assert evaluate(net, ds.x_test, ds.y_test)[0] == run.metrics("pruned")["accuracy"]
+    export(run, ExportConfig(batches=(1, 7)), source="pruned", target="pruned_onnx")
+    check = run.parity(reference="pruned", candidate="pruned_onnx")[0]
+    assert check["passed"] and check["max_abs"] < 1e-4
+    gru = run_model(f"{factories}:two_inputs", tmp_path / "gru", ctx, stages=["train"])
+    with pytest.raises(ConfigError, match=r"Torch-Pruning cannot prune .*two_inputs: TypeError.*GRU"):
+        prune(gru, PruneConfig(ratio=0.5, epochs=0), reload_dataset(gru.dataset_info), progress=False)
 
 
 def test_prune_command_chains_export_quantize_verify_select_from_another_directory(tiny_run, copy_run_to, tmp_path):

@@ -8,7 +8,9 @@ from onnxpipe.errors import ConfigError
 from onnxpipe.orchestrate import STAGES, Context
 from onnxpipe.stages.quantize import QuantizeConfig, quantize
 from onnxpipe.runfolder import Run
-from onnxpipe.stages.select import SelectConfig, choose, score, select, verdict
+from onnxpipe.core.runtime import SessionSetting
+from onnxpipe.core.timing import thread_candidates
+from onnxpipe.stages.select import NEAR_TIE, SelectConfig, best_setting, choose, score, select, verdict
 
 
 def v(b1, b64, *, parent=None, lossy=False, eligible=True, why=""):
@@ -112,6 +114,70 @@ def test_select_times_every_onnx_variant_and_records_the_machine(copy_of):
     machine = run.manifest["machine"]
     assert machine["onnxruntime"]["intra_op_num_threads"] >= 1 and "avx2" in machine["cpu"]["features"]
     assert run.manifest["selection"]["ranking"][0] == sel.selected
+    # every variant was timed at every thread count of the sweep and competes at its recorded best setting
+    for name in onnx_variants:
+        m = run.metrics(name)
+        timed = m["settings_timed"]
+        assert {SessionSetting.from_json(m["session_setting"]).threads} <= set(thread_candidates())
+        assert {int(k.split("t/")[0]) for k in timed} == set(thread_candidates())
+        chosen = SessionSetting(m["session_setting"]["threads"], m["session_setting"]["execution_mode"]).key
+        assert m["latency_ms"] == timed[chosen]
+        assert set(m["best_setting_by_batch"]) == {"1", "64"}
+    chosen = run.manifest["selection"]["session_setting"]
+    assert chosen == run.metrics(sel.selected)["session_setting"]
+    assert set(run.manifest["selection"]["spinning_ms"]) == {"spin", "no-spin"}
+    assert machine["onnxruntime"]["intra_op_num_threads"] == chosen["threads"]
+
+
+S1, S2, P2 = SessionSetting(1), SessionSetting(2), SessionSetting(2, "parallel")
+SETTINGS = {s.key: s for s in (S1, S2, P2)}
+
+
+def test_best_setting_is_the_fastest_by_the_objective_and_per_batch():
+    # 2 threads lose at batch 1 (wake-up cost) and win at batch 64: per batch each wins its own,
+    # and the geometric mean picks 2 threads overall (0.06 * 0.8 < 0.03 * 1.9).
+    timed = {S1.key: {"1": 0.030, "64": 1.90}, S2.key: {"1": 0.060, "64": 0.80}, P2.key: {"1": 0.070, "64": 1.20}}
+    chosen, per_batch = best_setting(timed, SETTINGS)
+    assert chosen == S2.key and per_batch == {"1": S1.key, "64": S2.key}
+    assert best_setting(timed, SETTINGS, "1")[0] == S1.key and best_setting(timed, SETTINGS, "64")[0] == S2.key
+
+
+def test_best_setting_takes_the_cheapest_among_near_ties():
+    # 2 threads 1 % faster than 1 thread: within the near-tie margin, so the cheaper 1-thread setting
+    # wins; 10 % faster is a real gain and wins. The parallel mode never wins a tie with sequential.
+    tie = {S1.key: {"1": 1.00, "64": 10.0}, S2.key: {"1": 0.99, "64": 9.9}, P2.key: {"1": 0.985, "64": 9.88}}
+    assert best_setting(tie, SETTINGS) == (S1.key, {"1": S1.key, "64": S1.key})
+    gain = {S1.key: {"1": 1.00, "64": 10.0}, S2.key: {"1": 0.90, "64": 9.0}, P2.key: {"1": 0.90, "64": 9.0}}
+    assert best_setting(gain, SETTINGS)[0] == S2.key
+    assert best_setting(gain, SETTINGS, margin=0.2)[0] == S1.key
+    assert 0 < NEAR_TIE < 0.1
+
+
+def test_session_settings_are_checked_and_round_trip():
+    assert SessionSetting.from_json(P2.to_json()) == P2 and P2.key == "2t/parallel/no-spin"
+    with pytest.raises(ConfigError, match="execution_mode"):
+        SessionSetting(2, "both")
+    with pytest.raises(ConfigError, match="threads"):
+        SessionSetting(0)
+    assert thread_candidates(1) == (1,) and thread_candidates(2) == (1, 2) and thread_candidates(6) == (1, 2, 4, 6)
+
+
+def test_parallel_branches_count_independent_compute_nodes():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from onnxpipe.core.onnxgraph import parallel_branches
+
+    def graph(two_heads: bool):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+        inits = [helper.make_tensor(n, TensorProto.FLOAT, [4, 4], [0.1] * 16) for n in ("w1", "w2")]
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"])]
+        nodes.append(helper.make_node("MatMul", ["x" if two_heads else "a", "w2"], ["b"]))
+        nodes.append(helper.make_node("Add", ["a", "b"], ["y"]))
+        return helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+
+    assert parallel_branches(graph(True)) == 2 and parallel_branches(graph(False)) == 1
+    assert onnx.checker.check_graph(graph(True)) is None
 
 
 def test_compression_stages_run_in_pipeline_order(copy_of):
@@ -127,3 +193,50 @@ def test_compression_stages_run_in_pipeline_order(copy_of):
     assert {"onnx_opt", "fp16"} <= set(run.variants())
     assert run.manifest["selected"] in run.variants() and run.manifest["machine"]["cpu"]["features"]
     assert all(p["passed"] for p in run.manifest["parity"])
+
+
+def test_serve_and_export_triton_start_from_the_setting_select_recorded(tiny_run, tmp_path):
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from onnxpipe.cli import app
+    from test_triton_export import parse
+
+    root = tmp_path / "work" / "exports" / "cnn"   # served as exports/cnn from tmp_path/work, as a user would
+    shutil.copytree(tiny_run("cnn"), root)
+    run = Run.open(root)
+    # what select records: written through the run's API so the test knows the setting to look for
+    run.set_metrics(run.selected, session_setting=SessionSetting(1, "parallel").to_json())
+    r = CliRunner().invoke(app, ["export-triton", str(root), str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    assert "threads 1, parallel from `onnxpipe select`" in r.output
+    cfg, _ = parse((tmp_path / "m" / "cnn" / "config.pbtxt").read_text())
+    assert cfg.parameters["intra_op_thread_count"].string_value == "1"
+    assert cfg.parameters["execution_mode"].string_value == "1"
+    assert cfg.parameters["inter_op_thread_count"].string_value == "1"
+    r = CliRunner().invoke(app, ["export-triton", str(root), str(tmp_path / "m"), "--force", "--threads", "2",
+                                 "--execution-mode", "sequential"])
+    cfg, _ = parse((tmp_path / "m" / "cnn" / "config.pbtxt").read_text())
+    assert cfg.parameters["intra_op_thread_count"].string_value == "2" and "execution_mode" not in cfg.parameters
+
+    def start_line(*flags):
+        proc = subprocess.Popen([sys.executable, "-m", "onnxpipe.cli", "serve", "exports/cnn", "--port", "0",
+                                 "--device", "cpu", *flags], stderr=subprocess.PIPE, text=True, cwd=root.parent.parent,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            line, deadline = "", time.monotonic() + 60
+            while "serving model" not in line and time.monotonic() < deadline:
+                line = proc.stderr.readline()
+            return line
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+
+    assert "session: 1 thread(s), parallel (chosen by `onnxpipe select`)" in start_line()
+    assert "session: 2 thread(s), sequential (the server's settings)" in start_line("--threads", "2")

@@ -97,7 +97,7 @@ def server(cnn):
 def test_every_endpoint(server):
     client, _ = server
     assert client.get("/v2").json() == {"name": "onnxpipe", "version": client.get("/v2").json()["version"],
-                                        "extensions": ["binary_tensor_data"]}
+                                        "extensions": ["binary_tensor_data", "model_repository"]}
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
     for base in ("/v2/models/cnn", "/v2/models/cnn/versions/1"):

@@ -107,6 +107,27 @@ def test_frozen_batchnorm_keeps_its_running_statistics(tmp_path):
     assert not torch.equal(before["5.weight"], after["5.weight"]) and after["5.weight"].shape == (5, 96)
 
 
+def test_a_two_input_model_transfers_with_each_inputs_own_normalization(two_inputs, tmp_path):
+    from onnxpipe.core.data import load_dataset, recorded_inputs, reload_dataset
+
+    factories, data = two_inputs
+    src = run_model(f"{factories}:two_dense_inputs", tmp_path / "src",
+                    Context(data=data, limit=300, classes=FIRST, progress=False,
+                            sections={"train": {"epochs": 2, "lr": 1e-2}}), stages=["train"])
+    ctx = Context(data=data, classes=SECOND, per_class=10, progress=False,
+                  sections={"transfer": {"epochs": 2, "scratch_baseline": False}})
+    run = transfer_run(src.root, tmp_path / "t", ctx)
+    norms = {r["name"]: r["normalization"] for r in run.dataset_info["inputs"]}
+    assert norms == {r["name"]: r["normalization"] for r in src.dataset_info["inputs"]}   # by input name
+    own = load_dataset(data, recorded_inputs(src.dataset_info), num_classes=None, classes=SECOND, per_class=10)
+    assert own.info["inputs"][1]["normalization"]["std"] != norms["aux"]["std"]   # not the new data's own
+    ds = reload_dataset(run.dataset_info)                                          # replayed by later stages
+    assert ds.x_train.names == ["rows", "aux"] and len(ds.y_train) == 50 and len(ds.y_test) == 180
+    before, after = weights(src.root), weights(run.root)
+    assert all(torch.equal(before[k], after[k]) for k in ("rows.1.weight", "aux.weight", "aux.bias"))
+    assert after["head.weight"].shape == (5, 32)
+
+
 def test_transfer_command_from_another_directory_then_stages_apply(source, tmp_path):
     """As users type it: relative paths, the default RUN-transfer folder, --stages after it, a second process,
     and a later `onnxpipe export` of the new run that reloads its class subset and per-class data."""

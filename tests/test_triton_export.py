@@ -68,3 +68,38 @@ def test_sequence_model_keeps_its_dynamic_length():
     cfg, pb = parse(text)
     assert list(cfg.input[0].dims) == [-1, 8] and list(cfg.output[0].dims) == [10] and cfg.max_batch_size == 8
     assert cfg.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU and cfg.instance_group[0].count == 2
+
+
+ORT_TO_TRITON = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(double)": "TYPE_FP64",
+                 "tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32", "tensor(int8)": "TYPE_INT8",
+                 "tensor(uint8)": "TYPE_UINT8", "tensor(bool)": "TYPE_BOOL"}
+
+
+@pytest.mark.parametrize("model", ["cnn", "lstm", "gru", "transformer"])
+def test_every_input_and_output_of_the_onnx_file_is_in_the_config_with_its_datatype_and_dims(tiny_run, tmp_path, model):
+    """Checked against the ONNX file as ONNX Runtime reads it (not against triton.py's own reading of it), for
+    every built-in model, with batching on and off."""
+    from onnxpipe.core.runtime import make_session
+
+    root = tiny_run(model)
+    session = make_session(root / "model.onnx", device="cpu").inner
+    for max_batch in (8, 0):
+        entry = export_triton(Run.open(root), tmp_path / f"repo{max_batch}", cfg=TritonConfig(max_batch=max_batch))
+        cfg, pb = parse((entry / "config.pbtxt").read_text())
+        assert cfg.max_batch_size == max_batch
+        for ours, theirs in ((session.get_inputs(), cfg.input), (session.get_outputs(), cfg.output)):
+            dims = [[d if isinstance(d, int) else -1 for d in t.shape] for t in ours]
+            want = [(t.name, pb.DataType.Value(ORT_TO_TRITON[t.type]), d[1:] if max_batch else d) for t, d in zip(ours, dims)]
+            assert [(t.name, t.data_type, list(t.dims)) for t in theirs] == want
+
+
+def test_preferred_batch_sizes_and_threads_from_the_command_line(tiny_run, tmp_path):
+    r = CliRunner().invoke(app, ["export-triton", str(tiny_run("cnn")), str(tmp_path), "--max-batch", "8",
+                                 "--preferred-batch", "4,8", "--threads", "2", "--instances", "2"])
+    assert r.exit_code == 0, r.output
+    cfg, _ = parse((tmp_path / "cnn" / "config.pbtxt").read_text())
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8] and cfg.instance_group[0].count == 2
+    assert cfg.parameters["intra_op_thread_count"].string_value == "2"
+    bad = CliRunner().invoke(app, ["export-triton", str(tiny_run("cnn")), str(tmp_path / "x"), "--max-batch", "8",
+                                   "--preferred-batch", "16"])
+    assert bad.exit_code == 1 and "must be in 1..max_batch (8)" in bad.output

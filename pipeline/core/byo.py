@@ -37,7 +37,9 @@ from ..atomic import sha256_file
 from ..errors import ArtifactError, ConfigError
 
 SCALARS = (bool, int, float, str, type(None))
-ALLOWED_DTYPES = {"torch.float32": "float32", "torch.int64": "int64"}
+ALLOWED_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.int64": "int64",
+                  "torch.int32": "int32", "torch.bool": "bool"}
+ROLES = ("data", "tokens", "mask", "constant")
 _SPECS: dict[tuple, Any] = {}  # (file or module, factory, sha256) -> ModelSpec: Run.spec asks often
 
 
@@ -171,10 +173,11 @@ def _example_inputs(model, module, ref: str) -> dict:
         if not isinstance(t, torch.Tensor):
             raise ConfigError(f"{ref}: example input {name!r} is a {type(t).__name__}, not a torch.Tensor")
         if str(t.dtype) not in ALLOWED_DTYPES:
-            raise ConfigError(f"{ref}: example input {name!r} has dtype {t.dtype}; use torch.float32 or torch.int64")
+            raise ConfigError(f"{ref}: example input {name!r} has dtype {t.dtype}; use one of "
+                              f"{', '.join(ALLOWED_DTYPES)}")
         if t.ndim < 2:
             raise ConfigError(f"{ref}: example input {name!r} has shape {list(t.shape)}; it needs a batch axis "
-                              "and at least one sample axis, e.g. (2, 1, 28, 28)")
+                              "and at least one sample axis, e.g. (2, 1, 28, 28) or (2, 16) token ids")
     return ex
 
 
@@ -200,29 +203,76 @@ def _dynamic_axes(model, module, example: dict, ref: str) -> dict[str, dict[int,
                 raise ConfigError(f"{ref}: dynamic axis name {n!r} of input {name!r} must be an identifier")
         if 0 not in axes:
             raise ConfigError(f"{ref}: axis 0 (batch) of input {name!r} must be dynamic; declare {{0: 'batch', ...}}")
-        extra = sorted(set(axes) - {0, 1})
-        if extra or (1 in axes and t.ndim != 3):
-            raise ConfigError(
-                f"{ref}: input {name!r} (shape {list(t.shape)}) declares axes {sorted(axes)} dynamic; onnxpipe varies "
-                "the batch axis 0 and, for (batch, seq_len, features) inputs, the sequence axis 1")
         out[name] = dict(sorted(axes.items()))
+    sizes: dict[str, int] = {}
+    for name, axes in out.items():          # axes that share a name must share a size
+        for a, n in axes.items():
+            size = int(example[name].shape[a])
+            if a and sizes.setdefault(n, size) != size:
+                raise ConfigError(f"{ref}: dynamic axis {n!r} has size {sizes[n]} in one example input and {size} in "
+                                  f"{name!r}; axes with one name must have one size")
     return out
 
 
-def _probe(model, example: dict, dynamic: dict, ref: str):
+def _role(name: str, t, declared: dict) -> str:
+    """What feeds an input: declared (model.input_roles / INPUT_ROLES), else read from its name and dtype."""
+    from ..models.registry import guess_role
+
+    if name in declared:
+        role = declared[name]
+        if role not in ROLES:
+            raise ConfigError(f"input_roles[{name!r}] is {role!r}; use one of {', '.join(ROLES)}")
+        return role
+    return guess_role(name, ALLOWED_DTYPES[str(t.dtype)])
+
+
+def _vocab(model, cfg, module) -> int | None:
+    """The token vocabulary: a declared VOCAB_SIZE / model.vocab_size, a `vocab_size` keyword, else the
+    largest nn.Embedding in the model."""
+    from torch import nn
+
+    declared = _declared(model, module, "vocab_size")
+    if isinstance(declared, int) and declared > 0:
+        return declared
+    value = getattr(cfg, "vocab_size", None)
+    if isinstance(value, int) and value > 0 and "vocab_size" in {f.name for f in dataclasses.fields(cfg)}:
+        return value
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(sizes) if sizes else None
+
+
+def _layout(name: str, shape: tuple, declared: dict) -> str | None:
+    from ..models.registry import guess_layout
+
+    if len(shape) != 3:
+        return None
+    return declared.get(name) or guess_layout(shape)
+
+
+def _has_attention(model) -> bool:
+    """Modules that compute attention (nn.MultiheadAttention, or any class named *Attention*)."""
+    from torch import nn
+
+    return any(isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower() for m in model.modules())
+
+
+def _probe(model, example: dict, dynamic: dict, specs, ref: str):
     """Run the model on its example and again with every dynamic axis one longer; returns the outputs."""
     import torch
+
+    from ..models import call_model
 
     def run(inputs: dict, what: str):
         try:
             with torch.no_grad():
-                out = model(*inputs.values())
+                out = call_model(model, inputs)
         except Exception as e:  # the user's forward can raise anything
             raise ConfigError(f"{ref}: the model fails on {what} (inputs {shapes(inputs)}): "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
         outs = out if isinstance(out, (tuple, list)) else (out,)
         if not outs or not all(isinstance(o, torch.Tensor) for o in outs):
-            raise ConfigError(f"{ref}: forward must return a tensor or a tuple of tensors, got {type(out).__name__}")
+            raise ConfigError(f"{ref}: forward must return a tensor or a tuple of tensors, got {type(out).__name__} "
+                              "(a Hugging Face model returns an output object: return its .logits)")
         return outs
 
     def shapes(inputs):
@@ -232,10 +282,17 @@ def _probe(model, example: dict, dynamic: dict, ref: str):
     outs = run(example, "its example input")
     grown = {}
     g = torch.Generator().manual_seed(0)
-    for name, t in example.items():
-        shape = [s + 1 if a in dynamic[name] else s for a, s in enumerate(t.shape)]
-        grown[name] = (torch.randint(0, 2, shape, generator=g) if t.dtype == torch.int64
-                       else torch.randn(*shape, generator=g))
+    for spec in specs:
+        t = example[spec.name]
+        shape = [s + 1 if a in dynamic[spec.name] else s for a, s in enumerate(t.shape)]
+        if spec.role == "tokens":
+            grown[spec.name] = torch.randint(0, max(1, spec.high or 2), shape, generator=g).to(t.dtype)
+        elif spec.role == "mask":
+            grown[spec.name] = torch.ones(shape, dtype=t.dtype)
+        elif spec.role == "constant" or not t.is_floating_point():
+            grown[spec.name] = torch.zeros(shape, dtype=t.dtype)
+        else:
+            grown[spec.name] = torch.randn(*shape, generator=g).to(t.dtype)
     changed = ", ".join(f"{n} axis {a} ({d})" for n in dynamic for a, d in dynamic[n].items())
     outs2 = run(grown, f"inputs one longer on its dynamic axes ({changed}) — it hard-codes a size that "
                        "dynamic_axes declares dynamic")
@@ -275,7 +332,18 @@ def factory_spec(ref: str):
         raise ConfigError(f"{ref}() failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
     example = _example_inputs(model, module, ref)
     dynamic = _dynamic_axes(model, module, example, ref)
-    outs = _probe(model, example, dynamic, ref)
+    roles = _declared(model, module, "input_roles") or {}
+    layouts = _declared(model, module, "input_layout") or {}
+    vocab = _vocab(model, cfg_cls(), module)
+    inputs = []
+    for n, t in example.items():
+        role = _role(n, t, roles)
+        shape = tuple(int(s) for s in t.shape[1:])
+        inputs.append(InputSpec(n, shape, dynamic[n], ALLOWED_DTYPES[str(t.dtype)], role=role,
+                                high=vocab if role == "tokens" else None,
+                                layout=_layout(n, shape, layouts) if role == "data" and t.is_floating_point() else None))
+    inputs = tuple(inputs)
+    outs = _probe(model, example, dynamic, inputs, ref)
     first = outs[0]
     if first.ndim != 2:
         raise ConfigError(f"{ref}: the first output has shape {list(first.shape)}; onnxpipe needs (batch, classes) "
@@ -284,27 +352,18 @@ def factory_spec(ref: str):
     names = tuple(names) if names else ("logits",) + tuple(f"output_{i}" for i in range(1, len(outs)))
     if len(names) != len(outs):
         raise ConfigError(f"{ref}: output_names has {len(names)} name(s) but forward returns {len(outs)} tensor(s)")
-
-    inputs = tuple(InputSpec(n, tuple(t.shape[1:]), dynamic[n], ALLOWED_DTYPES[str(t.dtype)]) for n, t in example.items())
-    lead = inputs[0].shape
-    if len(lead) == 3:
-        family = "image"
-    elif len(lead) == 2:
-        family = "sequence"
-    else:
-        raise ConfigError(f"{ref}: the first input has per-sample shape {list(lead)}; onnxpipe's data gives images "
-                          "(channels, height, width) or sequences (seq_len, features)")
-    # Settings that prepare_run and the parity grid read from a config; the factory's own keywords win.
-    derived = {"num_classes": int(first.shape[1]), "vocab_size": 2}
-    if family == "image":
-        derived["image_size"] = int(lead[1])
-    if any(1 in s.dynamic for s in inputs):
-        derived["seq_len"] = int(lead[0])
-    for key, value in derived.items():
-        if key not in {f.name for f in dataclasses.fields(cfg_cls)}:
-            setattr(cfg_cls, key, value)
+    primary = next((s for s in inputs if s.role in ("data", "tokens")), inputs[0])
+    family = "image" if primary.kind == "image" else "sequence"
+    # Settings that prepare_run reads from a config; the factory's own keywords win.
+    if "num_classes" not in {f.name for f in dataclasses.fields(cfg_cls)}:
+        cfg_cls.num_classes = int(first.shape[1])
+    student = _declared(model, module, "student") or {}
+    if not isinstance(student, dict):
+        raise ConfigError(f"{ref}: STUDENT (or model.student) must be a dict of the factory's keywords, e.g. "
+                          "{'hidden': 16}")
+    opset = _declared(model, module, "opset") or (23 if _has_attention(model) else 18)
     spec = ModelSpec(name=name, family=family, config_cls=cfg_cls, build=build, inputs=inputs, output_names=names,
-                     description=f"user factory {ref}", source=source)
+                     description=f"user factory {ref}", source=source, student=dict(student), opset=int(opset))
     _SPECS[key] = spec
     return spec
 

@@ -28,6 +28,11 @@ QUANTIZED_OPS = INTEGER_KERNELS | {"QuantizeLinear", "DequantizeLinear", "Dynami
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "LSTM", "GRU", "Gather")
 
 
+# Nodes whose kernel does most of a graph's work: what a parallel executor would run side by side.
+HEAVY_OPS = frozenset({"Conv", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Einsum"}) | INTEGER_KERNELS | ATTENTION_OPS | {
+    "FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv", "DynamicQuantizeLSTM"}
+
+
 def bare(op: str) -> str:
     """'com.microsoft.Attention' -> 'Attention'."""
     return op.rsplit(".", 1)[-1]
@@ -75,6 +80,22 @@ class GraphIndex:
 
     def tensors(self) -> set[str]:
         return {o for n in self.graph.node for o in n.output} | self.inputs
+
+
+def parallel_branches(graph) -> int:
+    """The most compute nodes (HEAVY_OPS) at one depth of the graph, depth being the longest path from
+    the inputs. Nodes at one depth never depend on each other (an ancestor is always shallower), so a
+    value above 1 means ONNX Runtime's parallel executor has independent work to run at once."""
+    idx = GraphIndex.of(graph)
+    depth: dict[str, int] = {}
+    per_depth: Counter = Counter()
+    for n in graph.node:  # ONNX graphs are stored in topological order
+        d = 1 + max((depth.get(i, 0) for i in n.input if i in idx.producer), default=0)
+        for o in n.output:
+            depth[o] = d
+        if bare(n.op_type) in HEAVY_OPS:
+            per_depth[d] += 1
+    return max(per_depth.values(), default=0)
 
 
 def op_counts(path: Path) -> dict[str, int]:

@@ -257,18 +257,36 @@ def compare_tensor(ref: np.ndarray, cand: np.ndarray, *, output: str, shape, ato
     )
 
 
+def grid_sizes(spec, model_cfg, seq_lens: tuple[int, ...] | None = None) -> dict[str, list[int]]:
+    """The values every dynamic non-batch axis takes on the grid, by axis name: 1, n and 2n for a sequence
+    axis (axis 1 of a sequence, token or mask input; `seq_lens` replaces them), n and 2n for any other."""
+    out: dict[str, list[int]] = {}
+    for s in spec.input_specs(model_cfg):
+        for axis, name in s.dynamic.items():
+            if axis == 0 or name in out:
+                continue
+            n = s.shape[axis - 1]
+            sequence_axis = axis == 1 and s.kind in ("sequence", "tokens", "mask", "other")
+            if sequence_axis:
+                out[name] = list(seq_lens) if seq_lens else sorted({1, n, 2 * n})
+            else:
+                out[name] = sorted({n, 2 * n})
+    return out
+
+
 def shape_grid(spec, model_cfg, batches=(1, 7, 64), seq_lens: tuple[int, ...] | None = None) -> list[tuple]:
-    """Input tuples over the grid: every batch size, and for sequence models lengths 1, T and 2T."""
+    """Input tuples (numpy, in the model's input order) over the grid: every batch size times the values of
+    the dynamic axes (which vary together: the k-th grid point gives each axis its k-th value), with masks
+    consistent with lengths (ModelSpec.example_inputs)."""
+    names = [s.name for s in spec.input_specs(model_cfg)]
+    sizes = grid_sizes(spec, model_cfg, seq_lens)
+    points = max((len(v) for v in sizes.values()), default=1)
     grid = []
-    has_seq = any(1 in s.dynamic for s in spec.inputs)
-    if has_seq:
-        t = getattr(model_cfg, "seq_len")
-        lens = seq_lens or tuple(sorted({1, t, 2 * t}))
-    else:
-        lens = (None,)
     for b in batches:
-        for t in lens:
-            grid.append(spec.example_inputs(model_cfg, batch=b, seq_len=t))
+        for k in range(points):
+            chosen = {d: values[min(k, len(values) - 1)] for d, values in sizes.items()}
+            ex = spec.example_inputs(model_cfg, batch=b, sizes=chosen)
+            grid.append(tuple(ex[n].numpy() for n in names))
     return grid
 
 
@@ -278,7 +296,14 @@ def tensor_parity(reference: str, candidate: str, ref_fn, cand_fn, grid, *, atol
     report = ParityReport(reference, candidate, "tensor", atol=atol, rtol=rtol)
     for inputs in grid:
         shape = list(inputs[0].shape)
-        r, c = ref_fn(*inputs), cand_fn(*inputs)
+        r = ref_fn(*inputs)
+        try:
+            c = cand_fn(*inputs)
+        except Exception as e:  # ONNX Runtime raises its own types: a graph that fails at a shape is a failed check
+            msg = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+            report.checks.append(TensorCheck(output_names[0], shape, float("inf"), float("inf"), float("inf"), False,
+                                             worst_index=[f"{candidate} fails at this shape: {msg}"]))
+            continue
         rs, cs = (r if isinstance(r, (list, tuple)) else [r]), (c if isinstance(c, (list, tuple)) else [c])
         for name, a, b in zip(output_names, rs, cs):
             report.checks.append(compare_tensor(a, b, output=name, shape=shape, atol=atol, rtol=rtol))
@@ -316,11 +341,19 @@ def judge(budget: Budget, reference: str, candidate: str, ref_logits: np.ndarray
 
 def row_dependence(fn, inputs, *, scale: float = 100.0) -> float:
     """How far row 0's outputs move when the *other* rows of its batch change (their float inputs scaled by
-    `scale`): 0 for a model whose rows are independent, large for one that computes something over the
+    `scale`, their integer inputs shifted): 0 for a model whose rows are independent, large for one that computes something over the
     whole batch (dynamic INT8: one activation scale per call). `inputs`: a tuple of batch-first arrays with
     at least 2 rows."""
     inputs = [np.asarray(a) for a in inputs]
-    loud = [np.concatenate([a[:1], a[1:] * scale]).astype(a.dtype) if a.dtype.kind == "f" else a for a in inputs]
+
+    def other_rows_changed(a: np.ndarray) -> np.ndarray:
+        if a.dtype.kind == "f":
+            return np.concatenate([a[:1], a[1:] * scale]).astype(a.dtype)
+        if a.ndim >= 2:   # token ids, masks: the other rows' values shifted along their last axis
+            return np.concatenate([a[:1], np.roll(a[1:], 1, axis=-1)])
+        return a
+
+    loud = [other_rows_changed(a) for a in inputs]
     quiet = np.asarray(fn(*inputs), np.float64)[0]
     shouted = np.asarray(fn(*loud), np.float64)[0]
     alone = np.asarray(fn(*(a[:1] for a in inputs)), np.float64)[0]

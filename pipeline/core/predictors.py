@@ -89,9 +89,13 @@ def load_torch_model(run: Run, variant: str = "torch"):
     return load_torch_variant(run, variant)[0]
 
 
-def torch_predictor(module, *, device: str = "cpu", threads: int | None = None) -> Predictor:
-    """numpy in, float32 numpy logits out, on `device` with `threads` intra-op threads."""
+def torch_predictor(module, *, device: str = "cpu", threads: int | None = None,
+                    names: tuple[str, ...] | None = None) -> Predictor:
+    """numpy in (the inputs in `names` order), float32 numpy logits out, on `device` with `threads`
+    intra-op threads. The module is called with the inputs by name (models.call_model)."""
     import torch
+
+    from ..models import call_model
 
     if device not in ("cpu", "cuda", "auto"):
         raise DeviceError(f"unknown device {device!r}; use cpu or cuda")
@@ -105,8 +109,9 @@ def torch_predictor(module, *, device: str = "cpu", threads: int | None = None) 
     def predict(*inputs: np.ndarray) -> np.ndarray:
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
+        keys = names or tuple(f"input_{i}" for i in range(len(inputs)))
         with torch.inference_mode():
-            out = module(*(torch.from_numpy(np.ascontiguousarray(x)).to(dev) for x in inputs))
+            out = call_model(module, {k: torch.from_numpy(np.ascontiguousarray(x)).to(dev) for k, x in zip(keys, inputs)})
         out = out[0] if isinstance(out, (tuple, list)) else out
         return out.float().cpu().numpy()
 
@@ -117,15 +122,24 @@ def torch_predictor(module, *, device: str = "cpu", threads: int | None = None) 
 
 
 def load_predictor(run: Run, variant: str, *, device: str = "cpu", threads: int | None = None,
-                   opt_level: str = "all", spinning: bool | None = None) -> Predictor:
-    """A callable on numpy inputs returning float32 logits. The artifact's sha256 is checked first."""
+                   opt_level: str = "all", spinning: bool | None = None,
+                   execution_mode: str = "sequential") -> Predictor:
+    """A callable on numpy inputs returning float32 logits. The artifact's sha256 is checked first.
+    (`execution_mode` and `spinning` are ONNX Runtime settings; torch eager has neither.)"""
     art = run.artifact(variant)
     if art.format == "torch":
-        return torch_predictor(load_torch_model(run, variant), device=device, threads=threads)
+        module, spec, cfg = load_torch_variant(run, variant)
+        return torch_predictor(module, device=device, threads=threads, names=tuple(s.name for s in spec.input_specs(cfg)))
     from .runtime import make_session
 
-    return make_session(run.path(variant), device=device, threads=threads, opt_level=opt_level, spinning=spinning)
+    return make_session(run.path(variant), device=device, threads=threads, opt_level=opt_level, spinning=spinning,
+                        execution_mode=execution_mode)
 
 
-def predict_batched(fn: Predictor, x: np.ndarray, batch: int = 256) -> np.ndarray:
+def predict_batched(fn: Predictor, x, batch: int = 256) -> np.ndarray:
+    """fn over `x` (Rows of every input, or one array) in batches of `batch` rows."""
+    from .data import Rows
+
+    if isinstance(x, Rows):
+        return np.concatenate([fn(*x[i:i + batch].arrays) for i in range(0, len(x), batch)])
     return np.concatenate([fn(x[i:i + batch]) for i in range(0, len(x), batch)])

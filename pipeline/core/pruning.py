@@ -31,10 +31,18 @@ def version() -> str:
         return "unknown"
 
 
-def replay(model, example_inputs, history: list) -> None:
+def forward(model, inputs: dict):
+    """Torch-Pruning's `forward_fn`: the model called with its named inputs the way every stage calls it
+    (models.call_model: by keyword where forward names them, else by position)."""
+    from ..models import call_model
+
+    return call_model(model, inputs)
+
+
+def replay(model, example_inputs: dict, history: list) -> None:
     """Apply a recorded pruning history to `model` (freshly built, unpruned) in place."""
     tp = torch_pruning()
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=tuple(example_inputs))
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward)
     try:
         graph.load_pruning_history([[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in history])
     except (AttributeError, IndexError, KeyError, RuntimeError) as e:

@@ -15,6 +15,12 @@ from .timing import default_threads
 
 OPT_LEVELS = ("disable", "basic", "extended", "layout", "all")
 
+ORT_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64,
+                "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+EXECUTION_MODES = ("sequential", "parallel")
+
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 
@@ -40,6 +46,46 @@ def resolve_providers(device: str) -> list[str]:
             )
         return [CUDA_EP, CPU_EP]
     return [CUDA_EP, CPU_EP] if CUDA_EP in have else [CPU_EP]
+
+
+@dataclass(frozen=True)
+class SessionSetting:
+    """How one session runs: intra-op threads, the execution mode (parallel runs independent branches of
+    the graph at once, on as many inter-op threads) and whether idle threads spin between calls.
+
+    Chosen by measurement in `onnxpipe select` (stages/select.best_setting) and used by serve and
+    export-triton unless told otherwise."""
+
+    threads: int
+    execution_mode: str = "sequential"
+    spinning: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigError(f"threads must be a whole number >= 1, got {self.threads!r}")
+        if self.execution_mode not in EXECUTION_MODES:
+            raise ConfigError(f"execution_mode must be one of {', '.join(EXECUTION_MODES)}, got {self.execution_mode!r}")
+
+    @property
+    def key(self) -> str:
+        """'2t/parallel/spin': a stable name for tables and the manifest."""
+        return f"{self.threads}t/{self.execution_mode}/{'spin' if self.spinning else 'no-spin'}"
+
+    @property
+    def cost(self) -> tuple:
+        """What the setting takes from the machine, for breaking near-ties: fewer threads first, then
+        sequential before parallel, then not spinning (idle threads left to other work)."""
+        return (self.threads, self.execution_mode == "parallel", self.spinning)
+
+    def to_json(self) -> dict:
+        return {"threads": self.threads, "execution_mode": self.execution_mode, "spinning": self.spinning}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SessionSetting":
+        if not isinstance(d, dict) or "threads" not in d:
+            raise ArtifactError(f"a recorded session setting must be an object with threads, got {d!r}")
+        return cls(threads=d["threads"], execution_mode=d.get("execution_mode", "sequential"),
+                   spinning=bool(d.get("spinning", False)))
 
 
 ORT_DEFAULT_SEVERITY = 2          # ONNX Runtime's own default (warnings); it has no getter, so we track ours
@@ -76,10 +122,12 @@ class Session:
     input_types: list[str] = field(default_factory=list)
 
     def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
-        feeds = {}
-        for name, kind, x in zip(self.input_names, self.input_types, inputs):
-            want = np.float16 if kind == "tensor(float16)" else np.int64 if kind == "tensor(int64)" else np.float32
-            feeds[name] = np.ascontiguousarray(x, dtype=want)
+        """Outputs for the inputs given in the graph's input order (each cast to the type the graph declares)."""
+        if len(inputs) != len(self.input_names):
+            raise ArtifactError(f"{self.path.name} takes {len(self.input_names)} input(s) "
+                                f"({', '.join(self.input_names)}), got {len(inputs)}")
+        feeds = {name: np.ascontiguousarray(x, dtype=ORT_NP_TYPES.get(kind, np.float32))
+                 for name, kind, x in zip(self.input_names, self.input_types, inputs)}
         return self.inner.run(self.output_names, feeds)
 
     def __call__(self, *inputs: np.ndarray) -> np.ndarray:
@@ -89,17 +137,20 @@ class Session:
 
 def make_session(path: str | Path, *, device: str = "auto", threads: int | None = None,
                  opt_level: str = "all", optimized_model_path: str | Path | None = None,
-                 spinning: bool | None = None) -> Session:
+                 spinning: bool | None = None, execution_mode: str = "sequential") -> Session:
     """Build a session for the ONNX file at `path` (whose sha256 the caller has checked).
 
     `spinning=False` stops idle intra-op threads from busy-waiting after a run: needed when several
-    sessions (or torch) take turns on the same cores, as in interleaved timing. None keeps ORT's default."""
+    sessions (or torch) take turns on the same cores, as in interleaved timing. None keeps ORT's default.
+    `execution_mode="parallel"` runs independent branches at once, on `threads` inter-op threads."""
     import onnxruntime as ort
 
     if opt_level not in OPT_LEVELS:
         raise ConfigError(f"unknown graph optimization level {opt_level!r}; use one of {', '.join(OPT_LEVELS)}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
+    if execution_mode not in EXECUTION_MODES:
+        raise ConfigError(f"unknown execution mode {execution_mode!r}; use one of {', '.join(EXECUTION_MODES)}")
     providers = resolve_providers(device)
     so = ort.SessionOptions()
     so.graph_optimization_level = {
@@ -111,7 +162,9 @@ def make_session(path: str | Path, *, device: str = "auto", threads: int | None 
     }[opt_level]
     n = default_threads(threads)
     so.intra_op_num_threads = n
-    so.inter_op_num_threads = 1
+    so.inter_op_num_threads = n if execution_mode == "parallel" else 1
+    if execution_mode == "parallel":
+        so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
     so.log_severity_level = 3  # errors only: ORT's warnings are not actionable for users here
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)

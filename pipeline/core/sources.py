@@ -32,18 +32,22 @@ def imported_spec(name: str, source: dict):
     """A ModelSpec for an imported graph: no PyTorch builder, inputs and outputs from the record."""
     from ..models import InputSpec, ModelSpec
 
-    inputs = tuple(InputSpec(i["name"], tuple(i["shape"]), {int(a): n for a, n in i["dynamic"].items()}, i["dtype"])
-                   for i in source["inputs"])
-    lead = inputs[0].shape
-    settings = {"num_classes": source.get("num_classes"), "vocab_size": 2, "seq_len": lead[0] if lead else 1,
-                "image_size": (lead[1] if source.get("layout") == "nchw" else lead[0]) if len(lead) == 3 else None}
-    config_cls = dataclasses.make_dataclass("ImportedConfig", [], frozen=True, namespace=settings)
+    from ..models.registry import guess_role
+
+    inputs = []
+    for i in source["inputs"]:
+        role = i.get("role") or guess_role(i["name"], i["dtype"])   # records before roles were kept
+        layout = i.get("layout") or (source.get("layout") if role == "data" and len(i["shape"]) == 3 else None)
+        inputs.append(InputSpec(i["name"], tuple(i["shape"]), {int(a): n for a, n in i["dynamic"].items()}, i["dtype"],
+                                role=role, layout=layout))
+    config_cls = dataclasses.make_dataclass("ImportedConfig", [], frozen=True,
+                                            namespace={"num_classes": source.get("num_classes")})
 
     def build(cfg):
         raise ConfigError(f"{name} was imported as ONNX: it has no PyTorch definition (stages that need one, "
                           "such as train or distill, do not apply)")
 
-    return ModelSpec(name=name, family=source["family"], config_cls=config_cls, build=build, inputs=inputs,
+    return ModelSpec(name=name, family=source["family"], config_cls=config_cls, build=build, inputs=tuple(inputs),
                      output_names=tuple(source["outputs"]), opset=source.get("opset", 18),
                      description=f"imported ONNX model {source.get('file', '')}", source=source)
 

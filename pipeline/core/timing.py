@@ -27,6 +27,16 @@ def default_threads(threads: int | None = None) -> int:
     return threads if threads is not None else usable_cores()
 
 
+def thread_candidates(limit: int | None = None) -> tuple[int, ...]:
+    """The intra-op thread counts worth timing: 1, 2, 4, ... up to and including the usable cores (or `limit`)."""
+    top = max(1, limit if limit is not None else usable_cores())
+    out, t = [], 1
+    while t < top:
+        out.append(t)
+        t *= 2
+    return tuple(out + [top])
+
+
 @dataclass
 class Latency:
     """Per-call latency statistics in milliseconds for one candidate at one batch size."""

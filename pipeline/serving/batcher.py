@@ -6,10 +6,15 @@ loop keeps accepting and parsing requests while the model runs. Policy:
 
 - the next batch is the oldest request plus every queued request with the same per-row shapes
   (sequence models: same length), at most `max_batch` rows in all;
-- it waits for more, up to `max_delay` after the batch started, only while other requests are
-  already being received (`arriving`), so a lone request runs at once and adds no delay;
+- it waits for more, up to `max_delay` after the batch started, only while other requests whose
+  bodies have fully arrived are being decoded (`arriving`), so a lone request runs at once and a
+  client that is slow to send its body delays nobody;
 - requests that arrive while the model runs wait for the next batch (one model call at a time);
-- a request larger than `max_batch` runs alone, in one call;
+- a request larger than `max_batch` runs alone, in calls of at most `max_batch` rows whose outputs are
+  put back together (so the model's working memory stays that of `max_batch` rows, whatever a request
+  holds); a batch-dependent model (below) runs it in one call, as its answer must be its solo answer;
+- a request whose caller stopped waiting (its deadline passed, or the client disconnected: its future
+  is done) is dropped from the queue unrun;
 - if a merged call fails, each request is retried alone, so one bad request cannot fail others;
 - a model whose outputs for one row depend on the other rows of its batch (dynamic INT8: one activation
   scale per call; found by the load-time check in model.py) is never batched across callers
@@ -45,7 +50,8 @@ class _Pending:
 
 
 class DynamicBatcher:
-    def __init__(self, run_batch: RunBatch, *, max_batch: int = 32, max_delay_s: float = 0.002, metrics=None):
+    def __init__(self, run_batch: RunBatch, *, max_batch: int = 32, max_delay_s: float = 0.002, metrics=None,
+                 labels: tuple[str, str] = ("", "")):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_delay_s < 0:
@@ -54,6 +60,7 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.metrics = metrics
+        self.labels = labels        # (model, version) for the per-model metrics
         self._queue: deque[_Pending] = deque()
         self._arriving = 0
         self._wake: asyncio.Event | None = None
@@ -85,22 +92,26 @@ class DynamicBatcher:
         """Context for a request being received: the batcher may wait a little for it to join a batch."""
         return _Arrival(self)
 
-    async def submit(self, inputs: list[np.ndarray], arrival: "_Arrival | None" = None) -> list[np.ndarray]:
-        """Queue one request (arrays with a batch axis first) and wait for its rows of every output."""
+    def enqueue(self, inputs: list[np.ndarray], arrival: "_Arrival | None" = None) -> asyncio.Future:
+        """Queue one request (arrays with a batch axis first); the future gets its rows of every output.
+        Cancel the future (or set its exception) to drop the request: a queued one is never run."""
         future = asyncio.get_running_loop().create_future()
         key = tuple((a.shape[1:], a.dtype.str) for a in inputs)
         self._queue.append(_Pending(inputs, int(inputs[0].shape[0]), key, future))
         if arrival is not None:
             arrival.close()
-        self._depth_changed()
         self._wake.set()
-        return await future
+        return future
+
+    async def submit(self, inputs: list[np.ndarray], arrival: "_Arrival | None" = None) -> list[np.ndarray]:
+        """Queue one request and wait for its outputs."""
+        return await self.enqueue(inputs, arrival)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
 
     # --- the dispatcher ------------------------------------------------------------------------------
-    def _depth_changed(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(len(self._queue))
-
     def _fill(self, batch: list[_Pending], rows: int) -> int:
         """Move queued requests that fit (same key, row budget) into the batch; returns its rows."""
         if not self.merge_callers:
@@ -108,6 +119,8 @@ class DynamicBatcher:
         kept: deque[_Pending] = deque()
         while self._queue:
             p = self._queue.popleft()
+            if p.future.done():  # its caller stopped waiting: drop it
+                continue
             if p.key == batch[0].key and rows + p.rows <= self.max_batch:
                 batch.append(p)
                 rows += p.rows
@@ -124,7 +137,10 @@ class DynamicBatcher:
                 self._wake.clear()
                 await self._wake.wait()
             self._busy = True
-            batch = [self._queue.popleft()]
+            first = self._queue.popleft()
+            if first.future.done():  # dropped while queued (deadline, disconnect)
+                continue
+            batch = [first]
             rows = self._fill(batch, batch[0].rows)
             deadline = loop.time() + self.max_delay_s
             while self.merge_callers and rows < self.max_batch and self._arriving > 0 and loop.time() < deadline:
@@ -134,8 +150,9 @@ class DynamicBatcher:
                 except asyncio.TimeoutError:
                     pass
                 rows = self._fill(batch, rows)
-            self._depth_changed()
-            await self._run(batch, rows)
+            batch = [p for p in batch if not p.future.done()]  # a caller may have gone while we waited
+            if batch:
+                await self._run(batch, sum(p.rows for p in batch))
 
     async def _run(self, batch: list[_Pending], rows: int) -> None:
         t0 = time.perf_counter()
@@ -155,6 +172,8 @@ class DynamicBatcher:
         if self.metrics is not None:
             self.metrics.batch_rows.observe(rows)
             self.metrics.inference_seconds.observe(time.perf_counter() - t0)
+            self.metrics.model_rows.inc(*self.labels, by=rows)
+            self.metrics.model_calls.inc(*self.labels)
         start = 0
         for p in batch:
             if not p.future.done():  # done: the client went away and its handler was cancelled
@@ -165,7 +184,12 @@ class DynamicBatcher:
         """On the worker thread: merge the requests' inputs, run the model, check the batch axis."""
         inputs = per_request[0] if len(per_request) == 1 else [
             np.concatenate([r[i] for r in per_request]) for i in range(len(per_request[0]))]
-        outputs = self.run_batch(inputs)
+        if rows > self.max_batch and self.merge_callers:  # one large request: in max_batch-row calls
+            parts = [self.run_batch([a[start:start + self.max_batch] for a in inputs])
+                     for start in range(0, rows, self.max_batch)]
+            outputs = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+        else:
+            outputs = self.run_batch(inputs)
         bad = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != rows]
         if bad:
             raise InferenceError(f"the model returned outputs shaped {bad} for a batch of {rows} rows")

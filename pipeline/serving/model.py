@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.data import Rows
 from ..core.parity import compare_tensor, rows_are_independent
 from ..core.policy import POLICY
-from ..core.runtime import Session, make_session, resolve_providers
+from ..core.runtime import Session, SessionSetting, make_session, resolve_providers
 from ..errors import ArtifactError, ConfigError, DeviceError, OnnxpipeError
 from ..runfolder import Run
 from .protocol import ORT_TO_V2, InferRequest, RequestError
@@ -72,6 +73,8 @@ class ServedModel:
     device: str = "auto"
     threads: int | None = None
     version: str = "1"
+    execution_mode: str = "sequential"
+    setting_from: str = "the server's settings"   # where threads / execution mode came from, for the start-up log
     state: str = "loading"
     error: str | None = None
     session: Session | None = None
@@ -84,7 +87,7 @@ class ServedModel:
 
     @classmethod
     def prepare(cls, run: Run, variant: str | None = None, *, device: str = "auto", threads: int | None = None,
-                name: str | None = None) -> "ServedModel":
+                name: str | None = None, version: str = "1") -> "ServedModel":
         """Cheap checks that decide whether serving can start at all (raise OnnxpipeError): the variant
         exists and is an ONNX model, and the requested device has a provider."""
         variant = variant or run.selected
@@ -99,11 +102,16 @@ class ServedModel:
         if threads is not None and threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {threads}")
         resolve_providers(device)  # a --device cuda without a CUDA provider stops here, before the port opens
-        from dataclasses import asdict
-
-        vocab = asdict(run.model_config_of(variant)).get("vocab_size", 0)  # a real config field, not a derived default
+        # a real config field as recorded, not a derived default; read without the model library (torch), whose
+        # hundreds of thousands of objects would make every full garbage collection of the server take ~0.1 s
+        vocab = run.recorded_model_config(variant).get("vocab_size", 0)
+        mode, source = "sequential", "the server's settings" if threads is not None else "default: every usable core"
+        recorded = run.metrics(variant).get("session_setting")
+        if threads is None and recorded:  # what `onnxpipe select` measured fastest for this variant on this machine
+            chosen = SessionSetting.from_json(recorded)
+            threads, mode, source = chosen.threads, chosen.execution_mode, "chosen by `onnxpipe select`"
         return cls(run=run, variant=variant, name=name or run.model_name, device=device, threads=threads,
-                   vocab_size=int(vocab or 0))
+                   version=str(version), vocab_size=int(vocab or 0), execution_mode=mode, setting_from=source)
 
     # --- loading -------------------------------------------------------------------------------------
     @property
@@ -116,7 +124,8 @@ class ServedModel:
         try:
             path = self.run.path(self.variant)           # inside the run folder, sha256 against the manifest
             # no spinning: idle ORT threads would busy-wait on the cores the event loop needs
-            session = make_session(path, device=self.device, threads=self.threads, spinning=False)
+            session = make_session(path, device=self.device, threads=self.threads, spinning=False,
+                                   execution_mode=self.execution_mode)
             self.inputs, self.outputs = _metas(session.inner.get_inputs()), _metas(session.inner.get_outputs())
             self.session = session
             log.info("loaded %s variant %s (%s, sha256 ok); providers: %s", self.name, self.variant, path.name,
@@ -155,7 +164,7 @@ class ServedModel:
         try:
             with np.load(path, allow_pickle=False) as z:
                 labels = z["labels"] if "labels" in z.files else None
-                return z["inputs"], z["outputs"], labels, ref.get("variant", "torch")
+                return Rows.from_npz(z, ref.get("inputs")), z["outputs"], labels, ref.get("variant", "torch")
         except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise ArtifactError(f"reference file {path} cannot be read ({e}); {remake}") from None
 
@@ -164,7 +173,7 @@ class ServedModel:
         x = self._reference()[0][:8]
         if len(x) < 2:
             return
-        self.row_independent, moved = rows_are_independent(lambda a: self.session.run(a)[0], [x], POLICY.tensor)
+        self.row_independent, moved = rows_are_independent(lambda *a: self.session.run(*a)[0], x.arrays, POLICY.tensor)
         if not self.row_independent:
             log.warning("variant %s computes over the whole batch (a row's logits moved by %.3g when the other rows "
                         "changed; dynamic INT8 does this): requests are never batched across callers",
@@ -174,12 +183,13 @@ class ServedModel:
         """Replay the reference inputs (as one batch and one row at a time) and judge them by the rule verify
         used: the tensor tolerance for a lossless variant, the budget recorded along its lineage for a lossy one."""
         x, want, _labels, ref_variant = self._reference()
-        got = np.asarray(self.session.run(x)[0], np.float32)
-        rows = np.concatenate([np.asarray(self.session.run(x[i:i + 1])[0], np.float32) for i in range(len(x))])
+        got = np.asarray(self.session.run(*x.arrays)[0], np.float32)
+        rows = np.concatenate([np.asarray(self.session.run(*x[i].arrays)[0], np.float32) for i in range(len(x))])
         finite = bool(np.all(np.isfinite(got)) and np.all(np.isfinite(rows)))
         tol = POLICY.tensor
-        check = compare_tensor(want, got, output=self.outputs[0].name, shape=x.shape, atol=tol.atol, rtol=tol.rtol)
-        rowcheck = compare_tensor(want, rows, output=self.outputs[0].name, shape=x.shape, atol=tol.atol, rtol=tol.rtol)
+        shape = list(x.first.shape)
+        check = compare_tensor(want, got, output=self.outputs[0].name, shape=shape, atol=tol.atol, rtol=tol.rtol)
+        rowcheck = compare_tensor(want, rows, output=self.outputs[0].name, shape=shape, atol=tol.atol, rtol=tol.rtol)
         agreement = float(min((want.argmax(1) == got.argmax(1)).mean(), (want.argmax(1) == rows.argmax(1)).mean()))
         max_abs = max(check.max_abs, rowcheck.max_abs)
         if self.run.has(ref_variant) and self.run.is_lossy(ref_variant, self.variant):

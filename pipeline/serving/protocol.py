@@ -8,6 +8,13 @@ request-level `binary_data_output`), which is what Triton's clients do by defaul
 
 Everything a client can get wrong raises RequestError (a 4xx with a message that names the
 problem); nothing here knows about the model: model.py checks names, shapes and datatypes.
+
+JSON is read and written with orjson (about 5x faster than the standard library on a body of
+numbers; benchmarks/serving.py measures what it buys). A body orjson refuses is read again with
+the standard library only to word the error: NaN and Infinity, which JSON does not have, are still
+refused (model.py names how many), and so is nesting beyond a depth. An answer whose outputs hold
+NaN or Inf is never written as JSON (JSON cannot carry them; orjson would write null): the client
+is told to ask for binary outputs.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -77,7 +85,11 @@ class InferRequest:
         return self.binary_output
 
 
-def _shape(raw, where: str) -> tuple[int, ...]:
+def check_shape(raw, where: str) -> tuple[int, ...]:
+    if isinstance(raw, list) and any(isinstance(d, float) and d.is_integer() and abs(d) > MAX_DIM for d in raw):
+        # orjson reads an integer beyond 64 bits as a float: such a dimension is impossible, not malformed
+        raise RequestError(f"{where}: 'shape' {json.dumps(raw)[:80]} is impossible: at most {MAX_RANK} dimensions of "
+                           f"at most {MAX_DIM} each")
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw):
         raise RequestError(f"{where}: 'shape' must be a list of integers, got {json.dumps(raw)[:80]}")
     if any(d < 0 for d in raw):
@@ -115,6 +127,10 @@ def _json_data(data, datatype: str, shape: tuple[int, ...], where: str) -> np.nd
     need = math.prod(shape)
     if arr.size == 0 and need == 0:
         return np.zeros(shape, DATATYPES[datatype])
+    if arr.dtype.kind == "f" and "INT" in datatype and arr.size and np.isfinite(arr).all() and \
+            np.all(arr == np.round(arr)) and np.abs(arr).max() >= 2.0 ** 63:
+        # orjson reads an integer beyond 64 bits as a float
+        raise RequestError(f"{where}: 'data' holds out-of-range values, which datatype {datatype} cannot take")
     if arr.dtype.kind not in _JSON_KINDS[datatype]:
         what = {"U": "strings", "O": "mixed or out-of-range values", "f": "non-integer numbers", "b": "booleans"}.get(
             arr.dtype.kind, f"values of kind {arr.dtype}")
@@ -145,13 +161,26 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
     else:
         head, binary = body, memoryview(b"")
     try:
-        req = json.loads(head)
+        req = orjson.loads(head)
+    except orjson.JSONDecodeError:
+        req = _slow_loads(head, body, header_length)
+    return _request_from_json(req, binary)
+
+
+def _slow_loads(head, body: bytes, header_length: str | None):
+    """The standard library's reading of a body orjson refused: it words the error (or, for NaN and
+    Infinity, accepts them so that model.py can say how many non-finite values the input holds)."""
+    try:
+        return json.loads(bytes(head))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         hint = ("; a body with binary tensors needs the Inference-Header-Content-Length header"
                 if header_length is None and b"binary_data_size" in body[:4096] else "")
         raise RequestError(f"request body is not valid JSON: {e}{hint}") from None
     except RecursionError:
         raise RequestError("request JSON is nested too deeply; 'data' may be flat or nested to the tensor's shape") from None
+
+
+def _request_from_json(req, binary: memoryview) -> InferRequest:
     if not isinstance(req, dict):
         raise RequestError(f"request body must be a JSON object with 'inputs', got {type(req).__name__}")
     params = _parameters(req, "request")
@@ -177,7 +206,7 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
         if datatype not in DATATYPES:
             known = ", ".join(DATATYPES)
             raise RequestError(f"{where}: datatype {datatype!r} is not supported; use one of {known}")
-        shape = _shape(raw.get("shape"), where)
+        shape = check_shape(raw.get("shape"), where)
         p = _parameters(raw, where)
         size = p.get("binary_data_size")
         if size is not None:
@@ -222,6 +251,25 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
     return InferRequest(request_id, inputs, outputs, binary_output, params)
 
 
+class NonFiniteOutput(Exception):
+    """An output holds NaN or Inf and the client asked for it as JSON, which cannot carry them."""
+
+
+def _json_values(arr: np.ndarray, name: str):
+    """An output as something orjson writes: numpy arrays of its native types directly (float32 in its
+    shortest form), anything else as a list."""
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise NonFiniteOutput(f"output {name!r} holds {bad} NaN or Inf value(s), which JSON cannot carry; ask "
+                                  "for it as binary data (outputs[].parameters.binary_data = true) to receive them")
+        if arr.dtype == np.float16:
+            return arr.astype(np.float32).ravel()
+    if arr.dtype.kind in "fiub" and arr.dtype.byteorder in "=|<":
+        return np.ascontiguousarray(arr).ravel()
+    return arr.ravel().tolist()
+
+
 def encode_infer_response(model_name: str, model_version: str, request: InferRequest,
                           outputs: list[tuple[str, str, np.ndarray]]) -> tuple[bytes, dict[str, str]]:
     """(name, datatype, array) outputs -> (body, headers). Binary outputs follow the JSON header."""
@@ -233,12 +281,12 @@ def encode_infer_response(model_name: str, model_version: str, request: InferReq
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = arr.ravel().tolist()
+            entry["data"] = _json_values(arr, name)
         described.append(entry)
     doc = {"model_name": model_name, "model_version": model_version, "outputs": described}
     if request.id is not None:
         doc["id"] = request.id
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return head, {"content-type": "application/json"}
     return b"".join([head, *blobs]), {"content-type": "application/octet-stream",

@@ -7,6 +7,14 @@
 
 With max_batch_size > 0 Triton's dims leave out the batch axis (Triton adds it), so the model's
 first axis must be dynamic; a model with a fixed first axis is written with max_batch_size 0.
+
+Settings (`recorded_triton`): TritonConfig's defaults, then the session setting `onnxpipe select`
+measured fastest for the variant (its threads the ONNX Runtime backend's intra_op_thread_count, its
+execution mode the backend's execution_mode), then what `onnxpipe tune` measured for this run
+(`tuned_triton`: its workers become the instance count, its max batch the max_batch_size and the
+preferred batch size, its max delay the queue delay, its threads the intra_op_thread_count), then
+the flags given. tests/test_triton_export.py parses every written file with Triton's own
+ModelConfig protobuf schema (the model_config_pb2 that tritonclient ships).
 """
 from __future__ import annotations
 
@@ -48,11 +56,52 @@ def config_pbtxt(name: str, inputs, outputs, cfg: TritonConfig, provenance: list
     lines.append("input [\n" + ",\n".join(_block("input", n, t, strip(d)) for n, t, d in inputs) + "\n]")
     lines.append("output [\n" + ",\n".join(_block("output", n, t, strip(d)) for n, t, d in outputs) + "\n]")
     if batching:
-        lines.append(f"dynamic_batching {{\n  max_queue_delay_microseconds: {int(round(cfg.max_delay_ms * 1000))}\n}}")
+        preferred = [b for b in cfg.preferred_batch if b <= cfg.max_batch]
+        lines.append("dynamic_batching {\n" + (f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
+                                               if preferred else "")
+                     + f"  max_queue_delay_microseconds: {int(round(cfg.max_delay_ms * 1000))}\n}}")
     kind = KINDS[cfg.device]
     group = f"count: {cfg.instances}" + (f"\n    kind: {kind}" if kind else "")
     lines.append(f"instance_group [\n  {{\n    {group}\n  }}\n]")
+    params = {}
+    if cfg.threads is not None:  # the onnxruntime backend's own parameters
+        params["intra_op_thread_count"] = cfg.threads
+    if cfg.execution_mode == "parallel":
+        params["execution_mode"] = 1
+        params["inter_op_thread_count"] = cfg.threads or 0
+    for key, value in params.items():
+        lines.append(f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}')
     return "\n".join(lines) + "\n"
+
+
+def tuned_triton(run: Run) -> dict | None:
+    """TritonConfig settings from what `onnxpipe tune` chose for this run (None: it was not tuned)."""
+    s = (run.section("serving") or {}).get("settings")
+    if not s:
+        return None
+    out = {"instances": int(s["workers"]), "threads": int(s["threads"]), "max_batch": int(s["max_batch"]),
+           "max_delay_ms": float(s["max_delay_ms"])}
+    if out["max_batch"] > 1:
+        out["preferred_batch"] = (out["max_batch"],)
+    return out
+
+
+def recorded_triton(run: Run, variant: str | None = None) -> tuple[dict, str]:
+    """(TritonConfig settings, where they came from): what `onnxpipe tune` measured for the served setup,
+    over what `onnxpipe select` chose for the variant's session (threads, execution mode)."""
+    out, source = {}, []
+    recorded = run.metrics(variant or run.selected).get("session_setting") if (variant or run.selected) else None
+    if recorded:
+        from ..core.runtime import SessionSetting
+
+        chosen = SessionSetting.from_json(recorded)
+        out.update(threads=chosen.threads, execution_mode=chosen.execution_mode)
+        source.append(f"threads {chosen.threads}, {chosen.execution_mode} from `onnxpipe select`")
+    tuned = tuned_triton(run)
+    if tuned:
+        out.update(tuned)
+        source.append("instances, threads, batching from `onnxpipe tune`")
+    return out, "; ".join(source)
 
 
 def _external_files(model, folder: Path, recorded: dict | None) -> dict[str, Path]:
@@ -101,6 +150,10 @@ def export_triton(run: Run, out_dir: str | Path, variant: str | None = None,
         shutil.rmtree(entry)
     provenance = [f"written by onnxpipe export-triton from run {run.root}, variant {variant!r}",
                   f"model.onnx sha256 {art.sha256}"]
+    tuned = run.section("serving") or {}
+    if tuned.get("settings"):
+        provenance.append(f"`onnxpipe tune` ({tuned.get('when')}, p99 <= {tuned.get('p99_ms')} ms) chose "
+                          + ", ".join(f"{k} {v}" for k, v in tuned["settings"].items()) + "; flags override it")
     text = config_pbtxt(name, inputs, outputs, cfg, provenance)
     with atomic_path(entry / "1" / "model.onnx") as tmp:
         shutil.copyfile(src, tmp)

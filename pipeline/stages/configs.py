@@ -152,6 +152,8 @@ class QuantizeConfig:
                                        "Budget: accuracy points a variant may lose vs its parent.")
     min_agreement: float = setting(POLICY.lossy.min_agreement, "Budget: top-1 agreement with the parent.")
     exclusion_rounds: int = setting(6, "Retries keeping the most sensitive nodes in FP32 (0: none).")
+    isolate: bool = setting(True, "Open each build in a child process first, so a native crash of ONNX Runtime "
+                                  "refuses that variant instead of ending the run.")
     seed: int = setting(0, "Seed of the calibration subset.")
 
     def __post_init__(self):
@@ -186,6 +188,7 @@ class QuantizeConfig:
         d = asdict(self)
         d["mode"] = mode
         d.pop("modes")
+        d.pop("isolate")
         if mode != "static":
             for k in ("calibration", "calib_samples", "activation_type"):
                 d.pop(k)
@@ -203,7 +206,9 @@ class DistillConfig:
     student_model: str | None = setting(None, "Another registered model of the same input family as the student, "
                                               "e.g. gru for a transformer teacher.")
     student_scale: float | None = setting(None, "Scale the teacher's width fields (0-1); default: the model's "
-                                                "declared student.")
+                                                "declared student (a user's factory without one: 0.5).")
+    student_set: tuple[tuple[str, str], ...] | None = setting(None, "KEY=VALUE settings of the student's config "
+                                                                    "(a factory's keyword arguments), after scaling.")
     # None: the student model's distill_defaults (tuned on digits over 3 seeds, benchmarks/distill.py).
     temperature: float | None = setting(None, "Softmax temperature T of the soft targets (loss scaled by T^2). "
                                               "Default: the student model's tuned value (4 for cnn, else 2).")
@@ -222,6 +227,10 @@ class DistillConfig:
     resume: bool = setting(False, "Continue the student's (and scratch twin's) training from their checkpoints.")
 
     def __post_init__(self):
+        if isinstance(self.student_set, dict):
+            object.__setattr__(self, "student_set", tuple(self.student_set.items()))
+        elif isinstance(self.student_set, list):
+            object.__setattr__(self, "student_set", tuple(tuple(x) for x in self.student_set))
         _finite("distill", temperature=self.temperature, alpha=self.alpha, lr=self.lr, mixup=self.mixup,
                 max_accuracy_drop=self.max_accuracy_drop, student_scale=self.student_scale)
         if self.temperature is not None and self.temperature <= 0:
@@ -390,11 +399,21 @@ class SelectConfig:
     warmup: int = setting(5, "Untimed warm-up rounds.")
     runs: int = setting(20, "Timed rounds per batch size.")
     min_seconds: float = setting(0.3, "Per batch size: very fast models get more rounds than `runs`.")
-    threads: int | None = setting(None, "ONNX Runtime intra-op threads (default: the usable cores).")
+    threads: int | None = setting(None, "ONNX Runtime intra-op threads (default: sweep 1, 2, 4, ... up to the usable "
+                                        "cores and keep each variant's fastest; serve and export-triton use it).")
     objective: str = setting("geomean", "geomean (over batch sizes) or one batch size, e.g. 64.")
+    max_bytes: int | None = setting(None, "Edge limit: the variant's model file may have at most this many bytes.")
+    max_rss_mb: float | None = setting(None, "Edge limit: peak resident memory (MB) of a fresh process that loads the "
+                                             "variant and runs one row on one thread (measured where not recorded).")
 
     def __post_init__(self):
         _tuple(self, "batches")
+        _finite("select", max_rss_mb=self.max_rss_mb)
+        if self.max_bytes is not None and (isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int)
+                                           or self.max_bytes < 1):
+            raise ConfigError(f"max_bytes must be a whole number of bytes >= 1, got {self.max_bytes!r}")
+        if self.max_rss_mb is not None and self.max_rss_mb <= 0:
+            raise ConfigError(f"max_rss_mb must be > 0 MB, got {self.max_rss_mb!r}")
         _positive(self.batches, "batch sizes")
         if self.warmup < 0 or self.runs < 1:
             raise ConfigError(f"need warmup >= 0 and runs >= 1, got warmup={self.warmup} runs={self.runs}")
@@ -446,11 +465,72 @@ class ExplainConfig:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
 
 
+# --- package ---------------------------------------------------------------------------------------------
+
+TARGETS = ("ort", "web")
+# Pinned: the package records the version it vendored, and the check runs what the package ships.
+ORT_WEB_VERSION = "1.30.0"
+PLAYWRIGHT_VERSION = "1.65.1"
+CHROMIUM = "/usr/bin/chromium"
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    target: str = setting("ort", "ort (ORT format + required_operators.config for a reduced build) or web (a static "
+                                 "folder running the model with onnxruntime-web's WASM execution provider).")
+    variant: str | None = setting(None, "Variant to package (default: the run's selected one).")
+    check: bool = setting(False, "web: serve the folder on loopback, run every reference input in headless Chromium and "
+                                 "compare with the CPU execution provider (recorded in both manifests).")
+    force: bool = setting(False, "Replace OUT if it holds an earlier onnxpipe package.")
+    ort_level: str = setting("extended", "Optimization level baked into the .ort file: basic or extended (layout/all "
+                                         "would bake in layouts chosen for this CPU).")
+    type_reduction: bool = setting(True, "Write each operator's types into required_operators.config (for "
+                                         "--enable_reduced_operator_type_support).")
+    atol: float = setting(POLICY.tensor.atol, "Max abs error allowed for the lossless steps (.ort vs .onnx, WASM vs CPU).")
+    rtol: float = setting(POLICY.tensor.rtol, "Relative error allowed for the lossless steps.")
+    batches: tuple[int, ...] = setting(POLICY.batches, "Batch sizes of the .ort parity grid.")
+    seq_lens: tuple[int, ...] | None = setting(None, "Sequence lengths of the grid (default: 1, T, 2T).")
+    threads: int = setting(1, "Threads of the native CPU reference and of the WASM session (latency at batch 1).")
+    examples: int = setting(16, "web: reference inputs the page offers to pick.")
+    bench_calls: int = setting(50, "web --check: calls timed in the page (median reported).")
+    ort_web_version: str = setting(ORT_WEB_VERSION, "web: onnxruntime-web version vendored from the npm registry.")
+    playwright_version: str = setting(PLAYWRIGHT_VERSION, "web --check: playwright-core version (npm) that drives Chromium.")
+    chromium: str = setting(CHROMIUM, "web --check: the Chromium executable (Debian's `chromium`).")
+    npm_cache: str | None = setting(None, "Folder npm installs into (default: $ONNXPIPE_NPM_CACHE or "
+                                          "~/.cache/onnxpipe/npm).")
+    timeout_s: float = setting(180.0, "web --check: time allowed for the browser run.")
+
+    def __post_init__(self):
+        _tuple(self, "batches", "seq_lens")
+        _finite("package", atol=self.atol, rtol=self.rtol, timeout_s=self.timeout_s)
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown package target {self.target!r}; use ort or web")
+        if self.check and self.target != "web":
+            raise ConfigError("--check runs the page in a browser: it applies to --target web (the ort target is always "
+                              "checked against the .onnx)")
+        if self.ort_level in HARDWARE_LEVELS:
+            raise ConfigError(f"--ort-level {self.ort_level} would bake layouts chosen for this CPU (NCHWc blocking) into "
+                              "the .ort file, which a phone or another CPU could not use; use extended (or basic)")
+        if self.ort_level not in SAVE_LEVELS:
+            raise ConfigError(f"unknown ORT format level {self.ort_level!r}; use one of: {', '.join(SAVE_LEVELS)}")
+        if self.atol < 0 or self.rtol < 0:
+            raise ConfigError("atol and rtol must be >= 0")
+        _positive(self.batches, "batches")
+        _positive(self.seq_lens, "seq_lens")
+        for name in ("threads", "bench_calls"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.examples < 0:
+            raise ConfigError(f"examples must be >= 0, got {self.examples}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+
 # The sections a --config file may hold, and the config class of each stage section.
 STAGE_CONFIGS = {"train": TrainConfig, "export": ExportConfig, "optimize": OptimizeConfig,
                  "quantize": QuantizeConfig, "distill": DistillConfig, "prune": PruneConfig,
                  "transfer": TransferConfig, "verify": VerifyConfig,
-                 "select": SelectConfig, "bench": BenchConfig, "explain": ExplainConfig}
+                 "select": SelectConfig, "bench": BenchConfig, "explain": ExplainConfig, "package": PackageConfig}
 CONFIG_SECTIONS = ("model", *STAGE_CONFIGS)
 
 
@@ -516,6 +596,19 @@ def parse_int_list(text: str | None, option: str, example: str = "1,64") -> tupl
         raise ConfigError(f"bad {option} {text!r}: {hint}") from None
     if not values or min(values) < 1:
         raise ConfigError(f"bad {option} {text!r}: {hint}")
+    return values
+
+
+def parse_float_list(text: str | None, option: str, example: str = "0,2") -> tuple[float, ...] | None:
+    """'0,2.5' -> (0.0, 2.5); None -> None; a ConfigError naming the option for anything else."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        raise ConfigError(f"bad {option} {text!r}: expected comma-separated numbers >= 0, e.g. {option} {example}")
     return values
 
 

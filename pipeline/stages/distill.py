@@ -19,7 +19,8 @@ from ..core.predictors import load_torch_model, save_weights
 from ..errors import ConfigError
 from ..runfolder import Artifact, Run
 from .configs import DistillConfig
-from .train import evaluate, fit, set_determinism, train_config_for
+from ..models import call_model
+from .train import evaluate, first_output, fit, set_determinism, train_config_for
 
 STUDENT_FILE = "student.pt"
 
@@ -27,18 +28,50 @@ STUDENT_FILE = "student.pt"
 FALLBACK = {"temperature": 2.0, "alpha": 0.5, "mixup": 0.4}
 
 
-def resolve(cfg: DistillConfig, spec) -> DistillConfig:
-    """Fill the unset temperature / alpha / mixup from the student model's defaults, then the fallbacks."""
+def resolve(cfg: DistillConfig, spec, ds: Dataset | None = None) -> DistillConfig:
+    """Fill the unset temperature / alpha / mixup from the student model's defaults, then the fallbacks.
+    Mixup needs float inputs: for a model that reads token ids it defaults to 0."""
     chosen = {k: getattr(cfg, k) for k in FALLBACK}
-    return replace(cfg, **{k: v if v is not None else spec.distill_defaults.get(k, FALLBACK[k]) for k, v in chosen.items()})
+    values = {k: v if v is not None else spec.distill_defaults.get(k, FALLBACK[k]) for k, v in chosen.items()}
+    if cfg.mixup is None and ds is not None and any(a.dtype.kind not in "f" for a in ds.x_train.arrays):
+        values["mixup"] = 0.0
+    return replace(cfg, **values)
+
+
+# Keyword names of a factory that are widths (scaled by --student-scale), and names that never are.
+WIDTH_WORDS = ("hidden", "width", "channel", "dim", "d_model", "units", "features", "filters", "embed", "ff",
+               "intermediate", "n_embd", "size")
+NOT_WIDTH_WORDS = ("class", "label", "vocab", "layer", "head", "image", "seq", "len", "position", "patch", "kernel",
+                   "stride", "max", "num_", "token", "type")
+DEFAULT_FACTORY_SCALE = 0.5
+
+
+def width_fields(cfg) -> list[str]:
+    """The int config fields that look like widths (hidden, channels, width, d_model, intermediate_size, ...)."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), f.name.lower()
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            continue
+        if any(w in name for w in WIDTH_WORDS) and not any(w in name for w in NOT_WIDTH_WORDS):
+            out.append(f.name)
+    return out
 
 
 def student_spec_and_config(run: Run, cfg: DistillConfig):
-    """The student's ModelSpec and config, adapted to the run's data."""
+    """The student's ModelSpec and config, adapted to the run's data.
+
+    Built-in models: the spec's declared student (or its width fields scaled by --student-scale). Another
+    registered model (--student-model): its own default config. A user's factory: its declared STUDENT,
+    else its width keywords (width_fields) scaled by --student-scale (default 0.5). --student-set KEY=VALUE
+    then sets any keyword. A student as large as its teacher is refused."""
     from ..models import get_model, replace_config
 
     teacher_spec, teacher_cfg = run.spec_of("torch"), run.model_config_of("torch")
-    sample_shape = tuple(run.dataset_info["sample_shape"])
+    shapes = {r["name"]: tuple(r.get("sample_shape", r["shape"])) for r in run.dataset_info.get("inputs", [])} or \
+        {teacher_spec.input_specs(teacher_cfg)[0].name: tuple(run.dataset_info["sample_shape"])}
     if cfg.student_model and cfg.student_model != teacher_spec.name:
         spec = get_model(cfg.student_model)
         if spec.family != teacher_spec.family:
@@ -46,24 +79,54 @@ def student_spec_and_config(run: Run, cfg: DistillConfig):
                 f"student model {spec.name!r} takes {spec.family} inputs but the teacher {teacher_spec.name!r} takes "
                 f"{teacher_spec.family} inputs; pick a student of the {teacher_spec.family} family"
             )
-        base = spec.adapt_to_data(spec.make_config({"num_classes": teacher_cfg.num_classes}), sample_shape)
-        fields = spec.student
+        base = spec.make_config({"num_classes": teacher_cfg.num_classes})
+        first = spec.input_specs(base)[0].name
+        base = spec.adapt_to_data(base, {first: next(iter(shapes.values()))})
+        student_cfg = base if cfg.student_scale is None else replace_config(base, _scaled(base, spec.student, cfg.student_scale))
     else:
-        spec, base, fields = teacher_spec, teacher_cfg, teacher_spec.student
-    if cfg.student_scale is None:
-        student_cfg = replace_config(base, fields) if spec is teacher_spec else base
-    else:
-        student_cfg = replace_config(base, _scaled(base, fields, cfg.student_scale))
+        spec, base = teacher_spec, teacher_cfg
+        fields = spec.student or {}
+        if cfg.student_scale is not None or (not fields and spec.source is not None):
+            scale = cfg.student_scale if cfg.student_scale is not None else DEFAULT_FACTORY_SCALE
+            names = list(fields) if fields else width_fields(base)
+            student_cfg = replace_config(base, _scaled(base, names, scale))
+        else:
+            student_cfg = replace_config(base, fields)
+    if cfg.student_set:
+        try:
+            student_cfg = replace_config(student_cfg, dict(cfg.student_set))
+        except ValueError as e:
+            raise ConfigError(f"--student-set: {e}") from None
+    _check_smaller(spec, student_cfg, teacher_spec, teacher_cfg)
     return spec, student_cfg
 
 
-def _scaled(base, fields: dict, scale: float) -> dict:
-    """Scale each field the spec's student shrinks; keep attention width divisible by the heads."""
+def _check_smaller(spec, student_cfg, teacher_spec, teacher_cfg) -> None:
+    def params(s, c) -> int:
+        try:
+            return sum(p.numel() for p in s.build(c).parameters())
+        except ConfigError:
+            raise
+        except Exception as e:  # a user's factory can reject a scaled config in its own words
+            raise ConfigError(f"the student config {c} does not build: {type(e).__name__}: {str(e)[:200]}; set its "
+                              "widths with --student-set KEY=VALUE") from None
+
+    student, teacher = params(spec, student_cfg), params(teacher_spec, teacher_cfg)
+    if student >= teacher:
+        hint = ", ".join(width_fields(teacher_cfg)) or "none found"
+        raise ConfigError(f"the student has {student:,} parameters, as many as its teacher ({teacher:,}): nothing to "
+                          f"distill into. Ask for a smaller one with --student-scale 0.5 (scales the width keywords: "
+                          f"{hint}), --student-set KEY=VALUE, or declare STUDENT = {{...}} beside the factory")
+
+
+def _scaled(base, fields, scale: float) -> dict:
+    """Scale each named width field; keep attention width divisible by the heads."""
     out = {}
     for name in fields:
         value = max(1, int(round(getattr(base, name) * scale)))
-        if name == "d_model" and hasattr(base, "heads"):
-            value = max(base.heads, value - value % base.heads)
+        heads = getattr(base, "heads", None) or getattr(base, "num_attention_heads", None) or getattr(base, "n_head", None)
+        if name in ("d_model", "hidden_size", "n_embd", "dim") and isinstance(heads, int) and heads > 0:
+            value = max(heads, value - value % heads)
         out[name] = value
     return out
 
@@ -76,7 +139,7 @@ def kd_loss(teacher: torch.nn.Module, temperature: float, alpha: float):
     def loss(student_logits, y, xb):
         if last.get("x") is not xb:  # mixed batches call twice with the same inputs: run the teacher once
             with torch.no_grad():
-                last.update(x=xb, t=teacher(xb))
+                last.update(x=xb, t=first_output(call_model(teacher, xb)))
         t = last["t"]
         soft = F.kl_div(F.log_softmax(student_logits / temperature, -1), F.log_softmax(t / temperature, -1),
                         log_target=True, reduction="batchmean") * temperature ** 2
@@ -88,7 +151,7 @@ def kd_loss(teacher: torch.nn.Module, temperature: float, alpha: float):
 def distill(run: Run, cfg: DistillConfig, ds: Dataset, *, progress: bool = True) -> list[Artifact]:
     """Train the student (and its scratch twin) and record variant `student` with its selection gate."""
     spec, student_cfg = student_spec_and_config(run, cfg)
-    cfg = resolve(cfg, spec)
+    cfg = resolve(cfg, spec, ds)
     teacher = load_torch_model(run, "torch")
     train_cfg = train_config_for(spec, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed, mixup=cfg.mixup or None)
     teacher_acc, _ = evaluate(teacher, ds.x_test, ds.y_test)

@@ -34,7 +34,7 @@ def record_node_divergence(run: Run, ds: Dataset, *, samples: int = SAMPLES, for
     from .sensitivity import node_errors
 
     x = ds.x_train[:samples]
-    batches = [(x[i:i + BATCH],) for i in range(0, len(x), BATCH)]
+    batches = [x[i:i + BATCH].arrays for i in range(0, len(x), BATCH)]
     measured = []
     for v in quantized_children(run):
         if not force and (run.metrics(v).get("node_divergence") is not None

@@ -21,9 +21,11 @@ import numpy as np
 from ..atomic import write_bytes
 from ..core.data import Dataset, reload_dataset
 from ..core.predictors import load_predictor, load_torch_model, predict_batched
+from ..models import call_model
 from ..errors import ConfigError
 from ..runfolder import Run
 from .configs import ExplainConfig
+from .train import first_output
 
 FOLDER = "explain"
 
@@ -54,27 +56,45 @@ def integrated_gradients(model, x, target, baseline, steps: int = 32, max_rows: 
     return (x - baseline) * total / steps
 
 
-def embedding_integrated_gradients(model, tokens, target, steps: int = 32):
-    """Integrated gradients for token-id inputs, taken over the output of `model.embed` (baseline: zero
-    embedding), summed over the embedding width: one value per token."""
+def token_embedding(model, forward, tokens):
+    """The nn.Embedding that reads the token ids (found by running `forward()` once and looking for the
+    embedding whose input is `tokens`: a Hugging Face model also has position and type embeddings);
+    None if no embedding reads them."""
     import torch
 
-    embed = getattr(model, "embed", None)
-    if not isinstance(embed, torch.nn.Embedding):
-        raise ConfigError("explain needs float inputs, or token inputs read by an nn.Embedding named `embed`")
-    emb = embed(tokens).detach()
-    state = {}
+    seen: list = []
+    handles = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0])))
+               for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return next((mod for mod, ids in seen if ids.shape == tokens.shape and torch.equal(ids, tokens)), None)
 
-    def replace(module, args, output):
-        return state["point"]
 
-    handle = embed.register_forward_hook(replace)
+def embedding_integrated_gradients(forward, embed, target, steps: int = 32):
+    """Integrated gradients for token inputs, taken over the output of `embed` (baseline: zero embedding),
+    summed over the embedding width: one value per token. `forward()` runs the model on the tokens; a
+    hook replaces the embedding's output by each point on the path."""
+    import torch
+
+    state: dict = {}
+    captured = embed.register_forward_hook(lambda m, a, out: state.setdefault("emb", out.detach()))
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        captured.remove()
+    emb = state["emb"]
+    handle = embed.register_forward_hook(lambda m, a, out: state["point"])
     try:
         total = torch.zeros_like(emb)
         for k in range(steps):
             state["point"] = ((k + 0.5) / steps * emb).requires_grad_(True)
             with torch.enable_grad():
-                chosen = model(tokens).gather(1, target[:, None]).sum()
+                chosen = forward().gather(1, target[:, None]).sum()
                 (grad,) = torch.autograd.grad(chosen, state["point"])
             total += grad
     finally:
@@ -82,13 +102,30 @@ def embedding_integrated_gradients(model, tokens, target, steps: int = 32):
     return (emb * total / steps).sum(-1)
 
 
+def occlusion(forward, tokens_name: str, inputs: dict, target):
+    """Per-token attribution without an embedding: the drop of the target logit when each token is replaced
+    by the pad id 0 (one forward per position)."""
+    import torch
+
+    with torch.no_grad():
+        base = forward(inputs).gather(1, target[:, None])[:, 0]
+        ids = inputs[tokens_name]
+        out = torch.zeros(ids.shape, dtype=torch.float32)
+        for t in range(ids.shape[1]):
+            masked = ids.clone()
+            masked[:, t] = 0
+            out[:, t] = base - forward({**inputs, tokens_name: masked}).gather(1, target[:, None])[:, 0]
+    return out
+
+
 def attention_blocks(model) -> list:
     """The model's self-attention blocks: modules with a fused `qkv` projection, a pre-norm `ln1` and `heads`."""
     return [m for m in model.modules() if all(hasattr(m, a) for a in ("qkv", "ln1", "heads"))]
 
 
-def attention_maps(model, *inputs) -> list:
-    """Per block, softmax(QK^T / sqrt(d)) of shape (n, heads, T, T), read by forward pre-hooks."""
+def attention_maps(model, *inputs, named: dict | None = None) -> list:
+    """Per block, softmax(QK^T / sqrt(d)) of shape (n, heads, T, T), read by forward pre-hooks (the model
+    runs on `inputs` positionally, or on `named` inputs by name)."""
     import torch
 
     maps, handles = [], []
@@ -110,7 +147,7 @@ def attention_maps(model, *inputs) -> list:
         handles.append(block.register_forward_pre_hook(capture))
     try:
         with torch.inference_mode():
-            model(*inputs)
+            call_model(model, named) if named is not None else model(*inputs)
     finally:
         for h in handles:
             h.remove()
@@ -130,7 +167,8 @@ def choose_samples(labels: np.ndarray, torch_pred: np.ndarray, n: int, seed: int
 
 # --- drawing --------------------------------------------------------------------------------------
 
-def _grid(x: np.ndarray, attr: np.ndarray, titles: list[str], family: str, maps: list | None) -> bytes:
+def _grid(x: np.ndarray, attr: np.ndarray, titles: list[str], family: str, maps: list | None,
+          channels_last: bool = False) -> bytes:
     """One column per sample: input, attribution (and per-step bars and attention maps for sequences)."""
     import matplotlib
 
@@ -143,8 +181,9 @@ def _grid(x: np.ndarray, attr: np.ndarray, titles: list[str], family: str, maps:
     fig, axes = plt.subplots(rows, n, figsize=(1.9 * n + 0.6, 1.9 * rows + 0.4), squeeze=False)
     for j in range(n):
         xi, ai = x[j], attr[j]
-        if not seq:                                  # (C, H, W) images
-            xi, ai = xi.mean(0), ai.sum(0)
+        if not seq:                                  # (C, H, W) or (H, W, C) images
+            axis = -1 if channels_last else 0
+            xi, ai = xi.mean(axis), ai.sum(axis)
         elif xi.ndim == 1:                           # token ids: one row
             xi, ai = xi[:, None].astype(float), ai[:, None]
         lim = float(np.abs(ai).max()) or 1.0
@@ -202,21 +241,42 @@ def explain(run: Run, cfg: ExplainConfig, ds: Dataset | None = None) -> dict:
             groups.append((f"{v}: {len(idx)} of {len(pred)} test samples disagree with torch", v,
                            idx[: cfg.samples].tolist()))
 
+    specs = run.spec_of("torch").input_specs(run.model_config_of("torch"))
+    primary = next((s for s in specs if s.role in ("data", "tokens")), specs[0])
+
     out_groups = []
     for title, variant, indices in groups:
-        x = torch.from_numpy(np.ascontiguousarray(ds.x_test[indices]))
+        rows = ds.x_test[np.asarray(indices)]
+        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rows.items()}
+        x = inputs[primary.name]
         target = torch.from_numpy(torch_pred[indices].astype(np.int64))
+        n = len(indices)
+
+        def forward_with(points, name=primary.name):
+            """The model with `points` (k*n rows along the IG path) as its input `name`, the others tiled."""
+            k = len(points) // n
+            tiled = {o: v.repeat(k, *[1] * (v.ndim - 1)) for o, v in inputs.items() if o != name}
+            return first_output(call_model(model, {**tiled, name: points}))
+
+        embed = None
+        if primary.role == "tokens":
+            embed = token_embedding(model, lambda: call_model(model, inputs), x)
+            method = "per-token " + ("integrated gradients through the embedding" if embed is not None else "occlusion")
+            method += " + attention maps (mean over heads)" if maps_available else ""
         if x.dtype.is_floating_point:
             baseline = x.amin(dim=tuple(range(1, x.ndim)), keepdim=True).expand_as(x) if family == "image" \
                 else torch.zeros_like(x)
-            attr = integrated_gradients(model, x, target, baseline, cfg.steps)
+            attr = integrated_gradients(forward_with, x, target, baseline, cfg.steps)
+        elif embed is not None:
+            attr = embedding_integrated_gradients(lambda: first_output(call_model(model, inputs)), embed, target, cfg.steps)
         else:
-            attr = embedding_integrated_gradients(model, x, target, cfg.steps)
-        maps = [m.numpy() for m in attention_maps(model, x)] if maps_available else None
+            attr = occlusion(lambda d: first_output(call_model(model, d)), primary.name, inputs, target)
+        maps = [m.numpy() for m in attention_maps(model, named=inputs)] if maps_available else None
         titles = [f"#{i} y={ds.y_test[i]} torch={torch_pred[i]}" + (f"\n{variant}={others[variant][i]}" if variant else "")
                   for i in indices]
         name = "torch.png" if variant is None else f"disagree_{variant}.png"
-        write_bytes(run.root / FOLDER / name, _grid(x.numpy(), attr.detach().numpy(), titles, family, maps))
+        write_bytes(run.root / FOLDER / name, _grid(x.numpy(), attr.detach().numpy(), titles, family, maps,
+                                                    channels_last=primary.layout == "nhwc"))
         out_groups.append({"title": title, "variant": variant, "png": f"{FOLDER}/{name}", "indices": list(map(int, indices)),
                            "labels": [int(ds.y_test[i]) for i in indices],
                            "torch_pred": [int(torch_pred[i]) for i in indices],

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path, sha256_file
-from ..core.data import Dataset
+from ..core.data import Dataset, Rows
 from ..core.parity import shape_grid, tensor_parity
 from ..core.policy import POLICY
-from ..core.predictors import load_predictor, load_torch_variant
+from ..core.predictors import load_predictor, load_torch_variant, predict_batched
 from ..core.runtime import make_session
 from ..errors import ExportError, ParityError
 from ..runfolder import Artifact, Run
@@ -43,31 +43,41 @@ def quiet_exporter():
 
 
 def export_module(module, spec, model_cfg, path: Path, opset: int) -> int:
-    """torch.onnx.export (dynamo) of `module` to `path` (atomically). Returns the opset written."""
+    """torch.onnx.export (dynamo) of `module` to `path` (atomically). Returns the opset written.
+
+    The inputs go in by name when forward takes them by name (models.takes_names), so a forward such as
+    GPT-2's (input_ids, past_key_values, attention_mask, ...) gets each one right; every dynamic axis is
+    declared by name (axes with one name vary together)."""
     import onnx
     import torch
     from torch.export import Dim
 
+    from ..models import takes_names
+
     module = module.eval()
+    specs = spec.input_specs(model_cfg)
     example = spec.example_inputs(model_cfg, batch=2)  # batch 2: sizes 0/1 would be specialized
     max_len = getattr(model_cfg, "max_len", 4096)
-    dims = {}
-    dynamic_shapes = []  # positional, like `example`: a user model's forward() may name its arguments otherwise
-    for s in spec.input_specs(model_cfg):
+    dims: dict[str, object] = {}
+    shapes: dict[str, dict] = {}
+    for s in specs:
         axes = {}
         for ax, name in s.dynamic.items():
             if name not in dims:
                 dims[name] = Dim(name, min=1, max=max_len if ax == 1 else 1 << 20)
             axes[ax] = dims[name]
-        dynamic_shapes.append(axes)
+        shapes[s.name] = axes
+    by_name = takes_names(module, example)
+    args, kwargs = ((), example) if by_name else (tuple(example.values()), None)
+    dynamic_shapes = shapes if by_name else tuple(shapes.values())  # positional: a user's forward may name them otherwise
     _reset_exporter_state()
     with atomic_path(path) as tmp:
         try:
             with quiet_exporter():
                 program = torch.onnx.export(
-                    module, example, None, dynamo=True, opset_version=opset,
-                    input_names=[s.name for s in spec.inputs], output_names=list(spec.output_names),
-                    dynamic_shapes=tuple(dynamic_shapes), verbose=False,
+                    module, args, None, kwargs=kwargs, dynamo=True, opset_version=opset,
+                    input_names=[s.name for s in specs], output_names=list(spec.output_names),
+                    dynamic_shapes=dynamic_shapes, verbose=False,
                 )
                 program.save(str(tmp), external_data=False)
         except Exception as e:  # the exporter raises many internal types; report them as one
@@ -76,7 +86,7 @@ def export_module(module, spec, model_cfg, path: Path, opset: int) -> int:
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as e:
             raise ExportError(f"exported graph fails onnx.checker: {str(e).splitlines()[0][:400]}") from None
-        check_dynamic_dims(onnx.load(str(tmp), load_external_data=False), spec)
+        check_dynamic_dims(onnx.load(str(tmp), load_external_data=False), specs)
     return onnx_opset(path)
 
 
@@ -102,11 +112,12 @@ def onnx_opset(path: Path) -> int:
     return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def check_dynamic_dims(model, spec) -> None:
-    """Every axis the spec declares dynamic must still be a symbolic dim in the ONNX inputs."""
+def check_dynamic_dims(model, specs) -> None:
+    """Every axis the input specs declare dynamic must still be a symbolic dim in the ONNX inputs."""
     inputs = {i.name: i for i in model.graph.input}
     problems = []
-    for s in spec.inputs:
+    specs = specs.inputs if hasattr(specs, "inputs") else specs
+    for s in specs:
         if s.name not in inputs:
             problems.append(f"input {s.name!r} is missing from the graph")
             continue
@@ -148,16 +159,17 @@ def export(run: Run, cfg: ExportConfig, data: Dataset | None = None, *, source: 
     return [art]
 
 
-def write_reference(run: Run, fn, inputs: np.ndarray, labels: np.ndarray | None, variant: str = "torch") -> None:
-    """Test rows, their labels and the root variant's outputs: the serving self-test replays these.
-
-    POLICY.reference_rows rows (128): enough that one disagreement moves agreement by under a point."""
+def write_reference(run: Run, fn, inputs: Rows, labels: np.ndarray | None, variant: str = "torch") -> None:
+    """Test rows (every input, as `input:<name>`), their labels and the root variant's outputs: the serving
+    self-test replays these. POLICY.reference_rows rows (128): one disagreement moves agreement by under a point."""
     n = min(POLICY.reference_rows, len(inputs))
-    arrays = {"inputs": inputs[:n], "outputs": fn(inputs[:n])}
+    rows = inputs[:n]
+    arrays = {**rows.to_npz(), "outputs": predict_batched(fn, rows)}
     if labels is not None:
         arrays["labels"] = np.asarray(labels[:n], np.int64)
     path = run.root / REFERENCE_FILE
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-    run.set_section("reference", {"path": REFERENCE_FILE, "sha256": sha256_file(path), "variant": variant, "rows": n})
+    run.set_section("reference", {"path": REFERENCE_FILE, "sha256": sha256_file(path), "variant": variant, "rows": n,
+                                  "inputs": rows.names})

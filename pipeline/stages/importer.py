@@ -32,7 +32,7 @@ from .export import write_reference
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 INLINE_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB cap, with room for the graph itself
-DTYPES = {1: "float32", 7: "int64", 10: "float16"}
+DTYPES = {1: "float32", 7: "int64", 10: "float16", 6: "int32", 9: "bool"}
 BATCH_CHECK_ROWS = 7
 # --- external data ----------------------------------------------------------------------------------------
 
@@ -93,20 +93,23 @@ def external_data_files(model, folder: Path) -> list[Path]:
 
 # --- what the graph says ----------------------------------------------------------------------------------
 
-def describe_graph(model, sample_shape: tuple[int, ...] | None) -> dict:
-    """The model_source record: inputs (per-sample shape, dynamic axes, dtype), outputs, family, layout.
+def describe_graph(model, sample_shapes: dict[str, tuple[int, ...]] | None) -> dict:
+    """The model_source record: inputs (per-sample shape, dynamic axes, dtype, role, layout), outputs, family.
 
-    A dynamic non-batch axis takes its size from the data's `sample_shape` (or 8 without data)."""
+    A dynamic non-batch axis takes its size from the data's per-sample shape of that input (8 without data);
+    every dynamic axis keeps its name, so the parity grid varies it."""
+    from ..models.registry import guess_layout, guess_role
+
     init = {i.name for i in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in init]
     if not graph_inputs:
         raise ArtifactError("the model has no inputs")
     inputs = []
-    for k, inp in enumerate(graph_inputs):
+    for inp in graph_inputs:
         tt = inp.type.tensor_type
         if tt.elem_type not in DTYPES:
-            raise ArtifactError(f"input {inp.name!r} has element type {tt.elem_type}; onnxpipe feeds float32, "
-                                "float16 or int64 tensors")
+            raise ArtifactError(f"input {inp.name!r} has element type {tt.elem_type}; onnxpipe feeds "
+                                f"{', '.join(sorted(set(DTYPES.values())))} tensors")
         dims = list(tt.shape.dim)
         if not dims:
             raise ArtifactError(f"input {inp.name!r} has no shape; onnxpipe needs (batch, ...) inputs")
@@ -114,27 +117,27 @@ def describe_graph(model, sample_shape: tuple[int, ...] | None) -> dict:
             raise ConfigError(
                 f"input {inp.name!r} has a fixed batch size of {dims[0].dim_value}; onnxpipe needs a dynamic batch axis "
                 "(re-export with it, e.g. torch dynamic_axes={'x': {0: 'batch'}}, tf2onnx/Keras input shape (None, ...))")
+        given = (sample_shapes or {}).get(inp.name)
         dynamic, shape = {0: "batch"}, []
         for axis, d in enumerate(dims[1:], start=1):
             if d.HasField("dim_value") and d.dim_value > 0:
                 shape.append(int(d.dim_value))
                 continue
-            if sample_shape is not None and k == 0 and axis - 1 < len(sample_shape):
-                size = int(sample_shape[axis - 1])
-            else:
-                size = 8
-            shape.append(size)
-            if axis == 1:
-                dynamic[1] = d.dim_param or "seq_len"
-            # other dynamic axes are fixed to the data's size: the parity grid varies batch and length only
-        inputs.append({"name": inp.name, "shape": shape, "dynamic": dynamic, "dtype": DTYPES[tt.elem_type]})
-    lead = inputs[0]["shape"]
-    family, layout = "other", None
-    if len(lead) == 3:
-        family = "image"
-        layout = "nhwc" if lead[2] in (1, 3) and lead[0] not in (1, 3) else "nchw"
-    elif len(lead) == 2:
-        family = "sequence"
+            shape.append(int(given[axis - 1]) if given is not None and axis - 1 < len(given) else 8)
+            dynamic[axis] = d.dim_param or ("seq_len" if axis == 1 else f"{inp.name}_dim{axis}")
+        dtype = DTYPES[tt.elem_type]
+        role = guess_role(inp.name, dtype)
+        record = {"name": inp.name, "shape": shape, "dynamic": dynamic, "dtype": dtype, "role": role}
+        if role == "data" and len(shape) == 3:
+            record["layout"] = guess_layout(tuple(shape))
+        inputs.append(record)
+    primary = next((i for i in inputs if i["role"] in ("data", "tokens")), inputs[0])
+    if primary["role"] == "data" and len(primary["shape"]) == 3:
+        family, layout = "image", primary["layout"]
+    elif primary["role"] == "tokens" or len(primary["shape"]) == 2:
+        family, layout = "sequence", None
+    else:
+        family, layout = "other", None
     return {"kind": "onnx", "inputs": inputs, "outputs": [o.name for o in model.graph.output],
             "family": family, "layout": layout}
 
@@ -168,17 +171,17 @@ def _write_model(model, folder: Path) -> dict:
 
 def _check_batch_independence(session, spec, cfg) -> float:
     """Rows must not depend on their batch: row i alone == row i in a batch of 7 (catches baked-in batch sizes)."""
-    (x, *rest) = spec.example_inputs(cfg, batch=BATCH_CHECK_ROWS)
+    x = [t.numpy() for t in spec.example_inputs(cfg, batch=BATCH_CHECK_ROWS).values()]
     try:
-        full = session(x, *rest)
-        single = np.concatenate([session(x[i:i + 1], *(r[i:i + 1] for r in rest)) for i in range(len(x))])
+        full = session(*x)
+        single = np.concatenate([session(*(a[i:i + 1] for a in x)) for i in range(BATCH_CHECK_ROWS)])
     except ArtifactError:
         raise
     except Exception as e:  # ORT raises its own Fail / InvalidArgument types
         raise ArtifactError(f"the model does not run with batches of 1 and {BATCH_CHECK_ROWS} although its batch axis "
                             f"is dynamic: {str(e).splitlines()[0][:300]}") from None
-    if full.shape[0] != len(x):
-        raise ArtifactError(f"with a batch of {len(x)} the first output has shape {list(full.shape)}; "
+    if full.shape[0] != BATCH_CHECK_ROWS:
+        raise ArtifactError(f"with a batch of {BATCH_CHECK_ROWS} the first output has shape {list(full.shape)}; "
                             "its axis 0 must follow the batch")
     err = float(np.max(np.abs(full - single))) if full.size else 0.0
     tol = POLICY.tensor
@@ -227,25 +230,26 @@ def import_onnx(model_file: str | Path, root: str | Path, *, data: str | None = 
         written = _write_model(model, staging)
         session = make_session(staging / ONNX_FILE, device="cpu")
         spec = imported_spec(run_name, source)
-        first = session(*spec.example_inputs(spec.config_cls(), batch=2))
+        first = session(*(t.numpy() for t in spec.example_inputs(spec.config_cls(), batch=2).values()))
         source["num_classes"] = int(first.shape[1]) if first.ndim == 2 else None
 
         ds = None
         if data:
-            if source["family"] not in ("image", "sequence") or len(source["inputs"]) != 1:
-                raise DataError(f"--data gives one image or sequence input; {src.name} takes "
-                                f"{[(i['name'], i['shape']) for i in source['inputs']]}")
+            if source["family"] not in ("image", "sequence"):
+                raise DataError(f"--data gives one image or sequence input per sample (images, feature sequences or "
+                                f"token ids); {src.name} takes {[(i['name'], i['shape']) for i in source['inputs']]}")
             if source["num_classes"] is None:
                 raise DataError(f"--data is for classifiers: {src.name}'s first output has shape {list(first.shape)}, "
                                 "not (batch, classes)")
-            lead = source["inputs"][0]["shape"]
-            ds = load_dataset(data, source["family"], image_size=spec.config_cls.image_size or 28,
-                              num_classes=source["num_classes"], seed=seed, limit=limit,
-                              layout=source["layout"] or "nchw")
-            fixed = [a for a in range(len(lead)) if a + 1 not in source["inputs"][0]["dynamic"]]
-            if len(ds.sample_shape) != len(lead) or any(ds.sample_shape[a] != lead[a] for a in fixed):
-                raise DataError(f"{src.name} takes samples shaped {tuple(lead)}, the data gives {ds.sample_shape}")
-            source.update(describe_graph(model, ds.sample_shape))  # dynamic sizes from the data
+            ds = load_dataset(data, spec.input_specs(spec.config_cls()), num_classes=source["num_classes"], seed=seed,
+                              limit=limit)
+            for rec in source["inputs"]:
+                got = ds.sample_shapes.get(rec["name"])
+                fixed = [a for a in range(len(rec["shape"])) if a + 1 not in rec["dynamic"]]
+                if got is not None and (len(got) != len(rec["shape"]) or any(got[a] != rec["shape"][a] for a in fixed)):
+                    raise DataError(f"{src.name}: input {rec['name']!r} takes samples shaped {tuple(rec['shape'])}, the "
+                                    f"data gives {got}")
+            source.update(describe_graph(model, ds.sample_shapes))  # dynamic sizes from the data
             spec = imported_spec(run_name, source)
 
         batch_err = _check_batch_independence(session, spec, spec.config_cls())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.data import normalize
+from ..core.data import NP_DTYPES, Rows, normalize
 from ..errors import DataError
 from ..runfolder import Run
 
@@ -44,20 +44,31 @@ def _dataset(run: Run) -> dict:
     return ds
 
 
-def _model_grid(run: Run) -> tuple[int, int]:
-    """(height, width) an image must become: the image size, or (T, F) for a sequence model."""
-    ds = _dataset(run)
-    shape = ds.get("sample_shape") or []
-    if ds.get("family") == "image":
-        channels_last = ds.get("layout") == "nhwc"
-        if len(shape) != 3 or shape[-1 if channels_last else 0] != 1:
-            raise DataError(f"images need a 1-channel image model; this run takes samples shaped {shape}")
-        return (shape[0], shape[1]) if channels_last else (shape[1], shape[2])
-    if len(shape) != 2:
-        raise DataError(f"this run takes samples shaped {shape}; images fit image models or (T, F) sequence models")
-    if getattr(run.model_config(), "vocab_size", 0):
-        raise DataError("this model reads token ids, not pixels; pass a .npy of int64 token ids")
-    return shape[0], shape[1]
+def _primary(specs):
+    return next((s for s in specs if s.role in ("data", "tokens")), specs[0])
+
+
+def _model_grid(spec) -> tuple[int, int]:
+    """(height, width) an image file must become: the image input's size, or (T, F) for a sequence input."""
+    if spec.kind == "image":
+        h, w, _ = spec.image_hwc()
+        return h, w
+    if spec.kind == "sequence":
+        return spec.shape[0], spec.shape[1]
+    if spec.role == "tokens":
+        raise DataError("this model reads token ids, not pixels; pass a .npy of integer token ids or an .npz with "
+                        "one array per input")
+    raise DataError(f"input {spec.name!r} takes samples shaped {list(spec.shape)}; images fit image models or "
+                    "(T, F) sequence models")
+
+
+def model_grid(run: Run, variant: str | None = None) -> tuple[int, int]:
+    """(height, width) an image must become for the run's (first) input: what the web package's page draws
+    into. The page draws gray images, so an image input must have one channel."""
+    spec = _primary(run.spec_of(variant).input_specs(run.model_config_of(variant)))
+    if spec.kind == "image" and spec.image_hwc()[2] != 1:
+        raise DataError(f"images need a 1-channel image model; this run's input {spec.name!r} takes {list(spec.shape)}")
+    return _model_grid(spec)
 
 
 def load_image(path: Path, grid: tuple[int, int], *, native: int | None = None, invert: str = "auto") -> np.ndarray:
@@ -88,57 +99,85 @@ def load_image(path: Path, grid: tuple[int, int], *, native: int | None = None, 
     return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
 
 
-def _array_from_file(path: Path, input_name: str) -> np.ndarray:
+def _arrays_from_file(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """{input name: array} from a .npy (the first input) or an .npz (arrays named like the inputs; a single
+    array, 'x' or 'inputs' is the first input)."""
     try:
         if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False)
+            return {names[0]: np.load(path, allow_pickle=False)}
         with np.load(path, allow_pickle=False) as z:
-            names = list(z.files)
-            for candidate in (input_name, "x", "inputs"):
-                if candidate in names:
-                    return z[candidate]
-            if len(names) == 1:
-                return z[names[0]]
-            raise DataError(f"{path} holds arrays {names}; name the one to classify {input_name!r}, 'x' or 'inputs'")
+            files = list(z.files)
+            named = {n: z[n] for n in names if n in files}
+            if not named:
+                first = next((c for c in ("x", "inputs") if c in files), files[0] if len(files) == 1 else None)
+                if first is None:
+                    raise DataError(f"{path} holds arrays {files}; name them like the model's inputs "
+                                    f"({', '.join(names)}), or 'x' for the first")
+                named = {names[0]: z[first]}
+            return named
     except (ValueError, OSError) as e:
         raise DataError(f"cannot read {path} as {path.suffix}: {e}") from None
 
 
-def load_inputs(run: Run, path: Path, input_shape: list, input_type: str, *, raw: bool = False,
-                invert: str = "auto") -> np.ndarray:
-    """A file -> a batch the model takes (N, ...) in the model's dtype, normalized."""
+def _fit(path: Path, spec, x: np.ndarray) -> np.ndarray:
+    """One sample or a batch of `spec`'s per-sample shape (dynamic axes free) -> a batch."""
+    per_sample = list(spec.shape)
+    if x.ndim == len(per_sample):
+        x = x[None]
+    fixed = [a for a in range(len(per_sample)) if a + 1 not in spec.dynamic]
+    if x.ndim != len(per_sample) + 1 or any(x.shape[1 + a] != per_sample[a] for a in fixed):
+        want = "x".join("?" if a + 1 in spec.dynamic else str(d) for a, d in enumerate(per_sample))
+        raise DataError(f"{path}: array {spec.name!r} of shape {list(x.shape)} does not fit the model, which takes "
+                        f"{want} per sample (one sample, or N samples batch-first)")
+    if len(x) == 0:
+        raise DataError(f"{path}: the array holds no samples")
+    return x
+
+
+def load_inputs(run: Run, path: Path, specs, *, raw: bool = False, invert: str = "auto") -> Rows:
+    """A file -> a batch of every model input (Rows), in the model's dtypes, normalized."""
     if not path.is_file():
         raise DataError(f"input file {path} does not exist")
     suffix = path.suffix.lower()
+    primary = _primary(specs)
+    norms = {r["name"]: r.get("normalization") for r in (run.dataset_info or {}).get("inputs", [])}
     if suffix in IMAGE_SUFFIXES:
         ds = _dataset(run)
-        x = load_image(path, _model_grid(run), native=NATIVE_SIZE.get(ds.get("source", "")), invert=invert)
-        x = normalize(x, ds["normalization"], unit=True)
-        if ds.get("family") == "image":
-            x = x[..., None] if ds.get("layout") == "nhwc" else x[None]   # the channel axis
-        return x[None].astype(np.float32)
-    if suffix not in (".npy", ".npz"):
+        x = load_image(path, _model_grid(primary), native=NATIVE_SIZE.get(ds.get("source", "")), invert=invert)
+        x = normalize(x, norms.get(primary.name) or ds["normalization"], unit=True)
+        if primary.kind == "image":   # gray, repeated to the model's channels as training did for gray sources
+            _, _, c = primary.image_hwc()
+            x = np.repeat(x[..., None], c, -1) if primary.layout == "nhwc" else np.repeat(x[None], c, 0)
+        given = {primary.name: x[None].astype(np.float32)}
+    elif suffix in (".npy", ".npz"):
+        given = _arrays_from_file(path, [s.name for s in specs])
+        for name, x in given.items():
+            spec = next(s for s in specs if s.name == name)
+            if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+                raise DataError(f"{path}: array {name!r} must be numeric, got {x.dtype}")
+            x = _fit(path, spec, x)
+            if spec.is_float:
+                x = x.astype(np.float32)
+                if raw and spec.role == "data":
+                    x = normalize(x, norms.get(name) or _dataset(run)["normalization"])
+                if not np.isfinite(x).all():
+                    raise DataError(f"{path}: array {name!r} holds NaN or Inf values")
+            given[name] = x.astype(NP_DTYPES[spec.dtype])
+    else:
         raise DataError(f"{path}: unknown input type {suffix!r}; pass .npy/.npz arrays or .png/.jpg images")
-    x = _array_from_file(path, input_name="")
-    if not np.issubdtype(x.dtype, np.number):
-        raise DataError(f"{path}: the array must be numeric, got {x.dtype}")
-    per_sample = input_shape[1:]
-    if x.ndim == len(per_sample):
-        x = x[None]
-    if x.ndim != len(input_shape) or any(isinstance(d, int) and d != s for d, s in zip(per_sample, x.shape[1:])):
-        want = "x".join(str(d) if isinstance(d, int) else "?" for d in per_sample)
-        raise DataError(f"{path}: array of shape {list(x.shape)} does not fit the model, which takes {want} per sample "
-                        f"(one sample, or N samples batch-first)")
-    if len(x) == 0:
-        raise DataError(f"{path}: the array holds no samples")
-    if input_type == "tensor(int64)":
-        return x.astype(np.int64)
-    x = x.astype(np.float32)
-    if raw:
-        x = normalize(x, _dataset(run)["normalization"])
-    if not np.isfinite(x).all():
-        raise DataError(f"{path}: the array holds NaN or Inf values")
-    return x
+    n = len(given[primary.name]) if primary.name in given else len(next(iter(given.values())))
+    out = {}
+    for spec in specs:   # inputs the file does not give: a mask of full-length rows, zeros for constants
+        if spec.name in given:
+            out[spec.name] = given[spec.name]
+        elif spec.role == "mask" and primary.name in given:
+            out[spec.name] = np.ones(given[primary.name].shape[:2], NP_DTYPES[spec.dtype])
+        elif spec.role == "constant" and primary.name in given:
+            out[spec.name] = np.zeros((n, *given[primary.name].shape[1:2]), NP_DTYPES[spec.dtype])
+        else:
+            raise DataError(f"{path} gives no array for input {spec.name!r}; pass an .npz with one array per input "
+                            f"({', '.join(s.name for s in specs)})")
+    return Rows(out)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -153,17 +192,11 @@ def predict_files(run: Run, paths: list[Path], *, variant: str | None = None, de
 
     variant = variant or run.selected or "onnx"
     predictor = load_predictor(run, variant, device=device)  # sha256-checked
-    inner = getattr(predictor, "inner", None)
-    if inner is not None:
-        shape, kind = list(inner.get_inputs()[0].shape), inner.get_inputs()[0].type
-    else:  # a torch variant: the run's recorded sample shape (sequence length free)
-        shape, kind = [None, *_dataset(run)["sample_shape"]], "tensor(float)"
-        if _dataset(run).get("family") == "sequence":
-            shape[1] = None
+    specs = run.spec_of(variant).input_specs(run.model_config_of(variant))
     out = []
     for path in paths:
-        x = load_inputs(run, path, shape, kind, raw=raw, invert=invert)
-        probs = softmax(np.asarray(predictor(x), dtype=np.float64))
+        x = load_inputs(run, path, specs, raw=raw, invert=invert)
+        probs = softmax(np.asarray(predictor(*x.arrays), dtype=np.float64))
         for i, p in enumerate(probs):
             order = np.argsort(-p)[:max(1, top)]
             name = str(path) if len(probs) == 1 else f"{path}[{i}]"

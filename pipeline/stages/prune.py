@@ -41,16 +41,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core.data import Dataset
+from ..core.data import Dataset, Rows
 from ..core.flops import torch_flops
 from ..core.parity import paired_delta, shape_grid, tensor_parity
 from ..core.policy import POLICY
 from ..core.predictors import load_torch_variant, save_weights, torch_predictor
 from ..errors import ConfigError, ParityError
+from ..models import call_model
 from ..runfolder import Artifact, Run
 from .configs import PruneConfig
 from .distill import FALLBACK, kd_loss
-from .train import evaluate, fit, set_determinism, train_config_for
+from .train import evaluate, first_output, fit, set_determinism, train_config_for
 
 log = logging.getLogger("onnxpipe")
 
@@ -206,6 +207,11 @@ def importance(model: nn.Module, groups: list[Group], grads: dict[str, torch.Ten
     return out
 
 
+def _logits(model: nn.Module, rows: Rows) -> torch.Tensor:
+    """The model's logits on some rows of its inputs, called as training calls it (with gradients)."""
+    return first_output(call_model(model, {k: torch.from_numpy(v) for k, v in rows.items()}))
+
+
 def taylor_gradients(model: nn.Module, ds: Dataset, samples: int, seed: int) -> dict[str, torch.Tensor]:
     """dL/dw of the cross-entropy, accumulated over `samples` seeded training rows (eval mode: no dropout)."""
     rng = np.random.default_rng(seed)
@@ -214,7 +220,7 @@ def taylor_gradients(model: nn.Module, ds: Dataset, samples: int, seed: int) -> 
     model.zero_grad(set_to_none=True)
     for i in range(0, len(idx), 64):
         rows = idx[i:i + 64]
-        loss = F.cross_entropy(model(torch.from_numpy(ds.x_train[rows])), torch.from_numpy(ds.y_train[rows]),
+        loss = F.cross_entropy(_logits(model, ds.x_train[rows]), torch.from_numpy(ds.y_train[rows]),
                                reduction="sum") / len(idx)
         loss.backward()
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach() for n, p in model.named_parameters()}
@@ -295,8 +301,9 @@ def zeroed(model: nn.Module, structure: Structure, keep: dict[str, list[int]]) -
 
 def equivalence_report(model, pruned, structure, keep, spec, src_cfg, new_cfg):
     """Tensor parity of the pruned network against the source with the pruned units zeroed, over the grid."""
-    reference = torch_predictor(zeroed(model, structure, keep))
-    candidate = torch_predictor(pruned)
+    names = tuple(s.name for s in spec.input_specs(src_cfg))
+    reference = torch_predictor(zeroed(model, structure, keep), names=names)
+    candidate = torch_predictor(pruned, names=names)
     grid = shape_grid(spec, src_cfg, POLICY.batches)
     tol = POLICY.tensor
     return tensor_parity("zeroed", "pruned", reference, candidate, grid, atol=tol.atol, rtol=tol.rtol,
@@ -314,7 +321,7 @@ def classifier(model: nn.Module, num_classes: int | None) -> nn.Module | None:
 
 def tp_prune(model: nn.Module, spec, cfg, ratio: float, pcfg: PruneConfig, ds: Dataset | None):
     """(pruned copy, Torch-Pruning history, plan rows) of a user's model at `ratio`."""
-    from ..core.pruning import torch_pruning
+    from ..core.pruning import forward, torch_pruning
 
     tp = torch_pruning()
     work = copy.deepcopy(model).eval()
@@ -323,15 +330,21 @@ def tp_prune(model: nn.Module, spec, cfg, ratio: float, pcfg: PruneConfig, ds: D
            else tp.importance.GroupMagnitudeImportance(p=1))
     head = classifier(work, getattr(cfg, "num_classes", None))
     before = {n: tuple(p.shape) for n, p in work.named_parameters()}
-    pruner = tp.pruner.MetaPruner(work, example, importance=imp, pruning_ratio=ratio,
-                                  global_pruning=pcfg.scope == "global", ignored_layers=[head] if head else [])
-    if pcfg.importance == "taylor":
-        if ds is None:
-            raise ConfigError("Taylor importance needs the run's training data")
-        rows = np.sort(np.random.default_rng(pcfg.seed).permutation(len(ds.x_train))[:pcfg.taylor_samples])
-        work.zero_grad()
-        F.cross_entropy(work(torch.from_numpy(ds.x_train[rows])), torch.from_numpy(ds.y_train[rows])).backward()
-    pruner.step()
+    if pcfg.importance == "taylor" and ds is None:
+        raise ConfigError("Taylor importance needs the run's training data")
+    try:
+        pruner = tp.pruner.MetaPruner(work, example, importance=imp, pruning_ratio=ratio, forward_fn=forward,
+                                      global_pruning=pcfg.scope == "global", ignored_layers=[head] if head else [])
+        if pcfg.importance == "taylor":
+            rows = np.sort(np.random.default_rng(pcfg.seed).permutation(len(ds.x_train))[:pcfg.taylor_samples])
+            work.zero_grad()
+            F.cross_entropy(_logits(work, ds.x_train[rows]), torch.from_numpy(ds.y_train[rows])).backward()
+        pruner.step()
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError, RuntimeError) as e:
+        raise ConfigError(f"Torch-Pruning cannot prune {spec.name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
+                          "(its dependency graph fails on some layers, e.g. an nn.GRU or nn.LSTM whose output is "
+                          "concatenated with another branch; see README, `onnxpipe prune`: reshape the model, or "
+                          "compress it with distill or quantize instead)") from None
     work.zero_grad(set_to_none=True)
     history = [[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in pruner.DG.pruning_history()]
     after = {n: tuple(p.shape) for n, p in work.named_parameters()}

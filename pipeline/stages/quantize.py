@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path
-from ..core.data import Dataset
+from ..core.data import Dataset, Rows
+from ..core.isolation import NativeCrash, NativeProbe
 from ..core.onnxgraph import COMPUTE_OPS, INTEGER_KERNELS
 from ..core.parity import judge
 from ..core.predictors import predict_batched
@@ -150,7 +151,7 @@ def input_names(path: Path) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
-def calibration_samples(ds: Dataset, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def calibration_samples(ds: Dataset, n: int, seed: int) -> tuple[Rows, np.ndarray]:
     """A seeded subset of the *training* split (never validation or test). Returns (samples, indices)."""
     if len(ds.x_train) == 0:
         raise DataError("static quantization needs calibration data, and the training split is empty")
@@ -158,12 +159,13 @@ def calibration_samples(ds: Dataset, n: int, seed: int) -> tuple[np.ndarray, np.
     return ds.x_train[idx], idx
 
 
-def _reader(name: str, x: np.ndarray):
+def _reader(x: Rows):
+    """Calibration batches feeding every input by name (integer inputs too: ORT never quantizes them)."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{name: x[i:i + CALIB_BATCH]} for i in range(0, len(x), CALIB_BATCH)])
+            self.batches = iter([dict(x[i:i + CALIB_BATCH].items()) for i in range(0, len(x), CALIB_BATCH)])
 
         def get_next(self):
             return next(self.batches, None)
@@ -185,9 +187,10 @@ class ModeResult:
     mode: str
     artifact: Artifact | None = None
     reason: str = ""            # why no artifact was recorded
+    crash: dict | None = None   # a native crash that refused it: {"how": "SIGSEGV", "step": ...}
 
 
-def _builder(mode: str, cfg: QuantizeConfig, family: str, src: Path, pre: Path, workdir: Path, calib: np.ndarray):
+def _builder(mode: str, cfg: QuantizeConfig, family: str, src: Path, pre: Path, workdir: Path, calib: Rows):
     """(float model the build starts from, build(excluded nodes) -> path)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
 
@@ -219,11 +222,10 @@ def _builder(mode: str, cfg: QuantizeConfig, family: str, src: Path, pre: Path, 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibration]
     cache = workdir / "calibration.json"       # ranges are computed once; exclusion retries reuse them
-    name = input_names(pre)[0]
 
     def build_static(excluded: list[str]) -> Path:
         out = workdir / f"static_{next(counter)}.onnx"
-        quantize_static(str(pre), str(out), _reader(name, calib), quant_format=QuantFormat.QDQ,
+        quantize_static(str(pre), str(out), _reader(calib), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=STATIC_OPS[family], per_channel=cfg.per_channel,
                         reduce_range=cfg.reduce_range, activation_type=_quant_type(cfg.activation_type),
                         weight_type=_quant_type(cfg.weight_type), calibrate_method=method,
@@ -236,19 +238,25 @@ def _builder(mode: str, cfg: QuantizeConfig, family: str, src: Path, pre: Path, 
 
 
 def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, source: str,
-                  parent_logits: np.ndarray, workdir: Path) -> ModeResult:
+                  parent_logits: np.ndarray, workdir: Path, probe: NativeProbe | None = None) -> ModeResult:
     variant = variant_name(source, mode)
     src = run.path(source)
     family = run.spec_of(source).family
     names = input_names(src)
-    if len(names) != 1:
-        raise DataError(f"quantize feeds the data split to one model input; {source} has {len(names)}: {names}")
+    if names != ds.x_test.names:
+        raise DataError(f"{source} takes inputs {names} but the run's data gives {ds.x_test.names}")
     calib, calib_idx = calibration_samples(ds, cfg.calib_samples, cfg.seed)
     folds = fold_file(src, workdir / "folded.onnx")   # lossless; every mode starts from the leaner graph
     if folds:
         src = workdir / "folded.onnx"
     pre, how = (src, "not needed (fp16)") if mode == "fp16" else preprocess(src, workdir)
-    float_model, build = _builder(mode, cfg, family, src, pre, workdir, calib)
+    float_model, unchecked_build = _builder(mode, cfg, family, src, pre, workdir, calib)
+
+    def build(excluded: list[str]) -> Path:
+        path = unchecked_build(excluded)
+        if probe is not None:  # opened in a child first: a native crash refuses the variant, not the run
+            probe.check(path, step=f"opening the {mode} build")
+        return path
 
     def judge_build(path: Path):
         logits = predict_batched(make_session(path, device="cpu"), ds.x_test)
@@ -257,14 +265,18 @@ def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, sour
     # Rank on training rows other than the calibration ones where there are any: the ranges fit the
     # calibration rows by construction, so errors there understate the clipping unseen inputs suffer.
     unseen = np.setdiff1d(np.arange(len(ds.x_train)), calib_idx)
-    probe = np.random.default_rng(cfg.seed + 1).permutation(unseen if len(unseen) else calib_idx)[:SENSITIVITY_SAMPLES]
+    probe_rows = np.random.default_rng(cfg.seed + 1).permutation(unseen if len(unseen) else calib_idx)[:SENSITIVITY_SAMPLES]
 
     def rank(path: Path) -> list[dict]:
-        x = ds.x_train[np.sort(probe)]
-        return node_errors(float_model, path, [(x[i:i + CALIB_BATCH],) for i in range(0, len(x), CALIB_BATCH)],
+        x = ds.x_train[np.sort(probe_rows)]
+        return node_errors(float_model, path, [x[i:i + CALIB_BATCH].arrays for i in range(0, len(x), CALIB_BATCH)],
                            candidates=exclusion_candidates(float_model, mode, family))
 
-    fit = fit_budget(build, judge_build, rank, max_rounds=cfg.exclusion_rounds)
+    try:
+        fit = fit_budget(build, judge_build, rank, max_rounds=cfg.exclusion_rounds)
+    except NativeCrash as e:
+        log.warning("%s: %s; the variant is refused and the run goes on", variant, e)
+        return ModeResult(variant, mode, reason=f"refused: {e}", crash={"how": e.how, "step": e.step})
     if not fit.fits:
         why = ("it only fits with every quantized node back in FP32 (nothing INT8 would be left)"
                if fit.exhausted and fit.report else fit.report.budget_line())
@@ -321,14 +333,17 @@ def quantize(run: Run, cfg: QuantizeConfig, ds: Dataset, *, source: str = "onnx"
         raise DataError("the accuracy budget is measured on the test split, and it is empty")
     parent_logits = predict_batched(make_session(run.path(source), device="cpu"), ds.x_test)
     results = []
-    for mode in cfg.modes_to_build():
-        with tempfile.TemporaryDirectory(prefix="onnxpipe-quant-") as tmp:
-            with _quiet_quantizer():
-                res = quantize_mode(run, mode, cfg, ds, source=source, parent_logits=parent_logits,
-                                    workdir=Path(tmp))
-        if res.artifact is None:
-            with run.batch():
-                run.remove_variant(res.variant, stage="quantize")  # a stale variant of an earlier run
-                run.update_section("quantize", **{res.variant: {"recorded": False, "reason": res.reason}})
-        results.append(res)
+    with contextlib.ExitStack() as stack:
+        probe = stack.enter_context(NativeProbe()) if cfg.isolate else None
+        for mode in cfg.modes_to_build():
+            with tempfile.TemporaryDirectory(prefix="onnxpipe-quant-") as tmp:
+                with _quiet_quantizer():
+                    res = quantize_mode(run, mode, cfg, ds, source=source, parent_logits=parent_logits,
+                                        workdir=Path(tmp), probe=probe)
+            if res.artifact is None:
+                record = {"recorded": False, "reason": res.reason, **({"crash": res.crash} if res.crash else {})}
+                with run.batch():
+                    run.remove_variant(res.variant, stage="quantize")  # a stale variant of an earlier run
+                    run.update_section("quantize", **{res.variant: record})
+            results.append(res)
     return results

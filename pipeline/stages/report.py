@@ -334,6 +334,8 @@ def build_report(run: Run) -> Report:
           f"{m.get('size', 'default')}; data `{ds.get('source', '-')}` (train {split.get('train', '-')}, "
           f"validation {split.get('val', '-')}, test {split.get('test', '-')}). Selected variant: "
           f"**{m.get('selected') or 'none'}**.")
+    for text in (m.get("warnings") or {}).values():   # e.g. a root model at chance accuracy
+        rep.p(f"**Warning:** {text}")
     rep.p("Versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()) + ".")
     if m.get("timings"):
         rep.p("Stage times: " + ", ".join(f"{k} {v} s" for k, v in m["timings"].items()) + ".")
@@ -352,6 +354,7 @@ def build_report(run: Run) -> Report:
     _variants_section(rep, run, tables, source)
     _limits_section(rep, run)
     _parity_section(rep, run)
+    _packages_section(rep, run)
 
     rep.h("Plots")
     if tables:
@@ -372,8 +375,69 @@ def build_report(run: Run) -> Report:
         if run.metrics(v).get("node_divergence_error"):
             rep.p(f"Per-node divergence of {v} could not be measured: {run.metrics(v)['node_divergence_error']}")
 
+    _serving_section(rep, run)
     _explain_section(rep, run)
     return rep
+
+
+def _setting_label(s: dict) -> str:
+    return f"threads {s['threads']}, workers {s['workers']}, batch {s['max_batch']}, delay {s['max_delay_ms']:g} ms"
+
+
+def plot_serving_sweep(record: dict) -> Figure | None:
+    """Throughput against p99 latency, one line per setting through its concurrencies (`onnxpipe tune`)."""
+    points = [p for p in record.get("sweep", []) if p.get("p99_ms") is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    by_setting: dict[str, list[dict]] = {}
+    for p in points:
+        by_setting.setdefault(_setting_label(p["setting"]), []).append(p)
+    colors = plt.get_cmap("tab20").colors
+    for i, (label, ps) in enumerate(by_setting.items()):
+        ps = sorted(ps, key=lambda p: p["concurrency"])
+        ax.plot([p["rps"] for p in ps], [p["p99_ms"] for p in ps], marker="o", ms=3, lw=1,
+                color=colors[i % len(colors)], label=label)
+    ax.axhline(record["p99_ms"], color="grey", ls="--", lw=1, label=f"p99 target {record['p99_ms']:g} ms")
+    chosen = record.get("chosen")
+    if chosen:
+        ax.plot([chosen["rps"]], [chosen["p99_ms"]], marker="*", ms=16, color="black", ls="none",
+                label="chosen: " + _setting_label(record["settings"]))
+    ax.set_xlabel("requests/s")
+    ax.set_ylabel("p99 latency (ms)")
+    ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.set_title(f"serving sweep (batch {record['load']['batch']}, {'binary' if record['load']['binary'] else 'JSON'}; "
+                 f"concurrency {', '.join(map(str, record['load']['concurrency']))})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return Figure("serving_sweep.png", _png(fig), "Throughput against p99 latency for every serving setting the "
+                  "sweep tried, one line through its concurrencies; the star is the setting `onnxpipe tune` chose.")
+
+
+def _serving_section(rep: Report, run: Run) -> None:
+    rec = run.section("serving")
+    if not rec:
+        return
+    record = rec if rec.get("sweep") else rec.get("last_sweep")
+    rep.h("Serving settings (onnxpipe tune)")
+    if rec.get("settings"):
+        c = rec.get("chosen", {})
+        rep.p(f"Chosen {rec.get('when', '')} for variant {rec.get('variant', '-')} on {rec.get('cores', '?')} cores: "
+              f"{_setting_label(rec['settings'])}: {c.get('rps', 0):.0f} requests/s at {c.get('concurrency')} clients, "
+              f"p50 {c.get('p50_ms', 0):.2f} ms, p99 {c.get('p99_ms', 0):.2f} ms (target p99 <= {rec.get('p99_ms')} ms). "
+              "`onnxpipe serve` and `onnxpipe export-triton` start from it; flags override it.")
+    if record and record is not rec:
+        rep.p(f"The last sweep ({record.get('when')}) found no setting within p99 <= {record.get('p99_ms')} ms; "
+              "the settings above were kept.")
+    if record:
+        rep.table(["setting", "clients", "req/s", "p50 ms", "p99 ms", "rows/call", "errors"],
+                  [[_setting_label(p["setting"]), p.get("concurrency"), f"{p['rps']:.0f}", p.get("p50_ms"),
+                    p.get("p99_ms"), p.get("rows_per_call"), p["errors"] + p["non_200"]] for p in record["sweep"]])
+        rep.figure(plot_serving_sweep(record))
 
 
 def _variants_section(rep: Report, run: Run, tables: dict, source: str) -> None:
@@ -512,6 +576,41 @@ def _parity_section(rep: Report, run: Run) -> None:
     rep.p("Drops of lossy variants carry a 95% paired bootstrap interval over the test rows (seeded) and the exact "
           "McNemar p-value on the rows where the two disagree about correctness; \"not distinguishable from 0\" "
           "(n.d. in the matrix) where the interval holds 0 or p >= 0.05. The budgets decide the verdict.")
+
+
+def _packages_section(rep: Report, run: Run) -> None:
+    """`onnxpipe package`: what was written for the edge, its parity, and the page in a real browser."""
+    packages = run.section("packages") or {}
+    if not packages:
+        return
+    rep.h("Edge packages")
+    rows = []
+    for key, p in packages.items():
+        lat = p.get("latency_b1") or {}
+        rss = p.get("peak_rss_mb") or {}
+        parity = p.get("parity") or []
+        verdict = "not run in a browser" if p["target"] == "web" and not p.get("checked_in_browser") else \
+            ("pass" if parity and all(parity) else "FAIL")
+        rows.append([p["target"], p["variant"], f"{p['bytes'] / 1024:.1f}", f"{p['model_bytes'] / 1024:.1f}",
+                     verdict, rss.get("ort"), rss.get("onnx"), fmt_ms(lat.get("browser_wasm_ms")),
+                     fmt_ms(lat.get("native_cpu_ms")), p["out"]])
+    rep.table(["target", "variant", "package KiB", "model KiB", "parity", "peak RSS MB (.ort)", "peak RSS MB (.onnx)",
+               "browser WASM ms b1", "native CPU ms b1", "folder"], rows)
+    rep.p("ort: the `.ort` file (loaded as a minimal build runs it) against the `.onnx` over the shape grid, and every "
+          "node listed in required_operators.config; peak RSS of a fresh process that loads the file and runs one row "
+          "on one thread. web: every reference input run in headless Chromium (onnxruntime-web, WASM, one thread) "
+          "against the CPU execution provider; latency at batch 1 is the median of calls timed in the page, beside "
+          "the same file on the native CPU provider with the same thread count.")
+    for key, p in packages.items():
+        if not p.get("screenshot"):
+            continue
+        path = run.file(p["screenshot"], what="package screenshot")
+        if not path.is_file():
+            rep.p(f"(missing screenshot {p['screenshot']}: run `onnxpipe package ... --target web --check` again)")
+            continue
+        rep.figure(Figure(Path(p["screenshot"]).name, path.read_bytes(),
+                          f"The web package of {p['variant']} in {p.get('browser', 'headless Chromium')}, after "
+                          "running the first reference input.", source_path=p["screenshot"]))
 
 
 def _explain_section(rep: Report, run: Run) -> None:

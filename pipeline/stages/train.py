@@ -19,9 +19,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..atomic import atomic_path, sha256_file
-from ..core.data import Dataset, reload_dataset
+from ..core.data import Dataset, Rows, reload_dataset
 from ..core.predictors import load_checkpoint_file, save_weights
 from ..errors import ArtifactError, ConfigError, DataError, RunFolderError
+from ..models import call_model
 from ..runfolder import Artifact, Run
 from .configs import TrainConfig
 from .distributed import SINGLE_PROCESS, World, load_checkpoint
@@ -47,16 +48,22 @@ def set_determinism(seed: int, threads: int | None = None) -> None:
         torch.set_num_threads(threads)
 
 
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 256) -> tuple[float, np.ndarray]:
-    """Accuracy and logits of a torch model on arrays."""
+def evaluate(model: nn.Module, x: Rows, y: np.ndarray, batch: int = 256) -> tuple[float, np.ndarray]:
+    """Accuracy and logits of a torch model on its inputs (Rows)."""
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device
     outs = []
     with torch.inference_mode():
         for i in range(0, len(x), batch):
-            outs.append(model(torch.from_numpy(x[i:i + batch]).to(device)).cpu().numpy())
+            part = {k: torch.from_numpy(v[i:i + batch]).to(device) for k, v in x.items()}
+            outs.append(first_output(call_model(model, part)).float().cpu().numpy())
     logits = np.concatenate(outs) if outs else np.zeros((0,))
     return float((logits.argmax(1) == y).mean()), logits
+
+
+def first_output(out):
+    """The logits of a forward that returns a tensor or a tuple whose first element is the logits."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _shift(batch: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
@@ -106,8 +113,14 @@ def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, *, checkpoint: Path | N
     net = world.wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(ds.x_train) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=0.2)
+    total_steps = cfg.epochs * steps_per_epoch
+    # One-cycle needs at least one step to warm up over (pct_start * total > 1) and one to anneal: a very
+    # short training (a few batches) gets a longer warm-up share instead of a division by zero.
+    pct_start = 0.2 if 0.2 * total_steps >= 2 else min(0.75, 1.5 / max(total_steps, 1))
+    if total_steps >= 3:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct_start)
+    else:  # one or two steps in all: a constant learning rate
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "history": []}
     best_weights = {k: v.clone() for k, v in model.state_dict().items()}
     resumed_from = None
@@ -116,11 +129,17 @@ def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, *, checkpoint: Path | N
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        sched.total_steps = cfg.epochs * steps_per_epoch  # resuming with more epochs extends the schedule
+        if hasattr(sched, "total_steps"):
+            sched.total_steps = total_steps  # resuming with more epochs extends the schedule
         best_weights = {k: v.to(world.device) for k, v in ck["best_weights"].items()}
         state = {k: ck[k] for k in ("epoch", "best_val", "best_epoch", "history")}
         resumed_from = state["epoch"]
-    x_train, y_train = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
+    x_train = {k: torch.from_numpy(v) for k, v in ds.x_train.items()}
+    y_train = torch.from_numpy(ds.y_train)
+    floats = [k for k, v in x_train.items() if v.is_floating_point()]
+    if cfg.mixup > 0 and len(floats) != len(x_train):
+        raise ConfigError(f"mixup mixes float inputs, and {', '.join(k for k in x_train if k not in floats)} "
+                          "are integers (token ids, masks): use mixup 0 for this model")
     loss_fn = loss_fn or (lambda logits, y, xb: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
     bar = tqdm(total=cfg.epochs, initial=state["epoch"], desc=desc, unit="epoch", file=sys.stderr,
                disable=not progress, leave=False, dynamic_ncols=True)
@@ -131,24 +150,28 @@ def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, *, checkpoint: Path | N
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # per-epoch stream: resume is exact
         torch.manual_seed(cfg.seed * 100_003 + epoch)                  # dropout
         model.train()
-        perm = torch.randperm(len(x_train), generator=g)
+        perm = torch.randperm(len(y_train), generator=g)
         total = 0.0
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            xb, yb = x_train[idx], y_train[idx]
-            if cfg.augment_shift and xb.ndim == 4:
-                xb = _shift(xb, cfg.augment_shift, g)  # the whole global batch: g stays in step on every rank
+            xb, yb = {k: v[idx] for k, v in x_train.items()}, y_train[idx]
+            if cfg.augment_shift:
+                for k in floats:
+                    if xb[k].ndim == 4:  # images; the whole global batch: g stays in step on every rank
+                        xb[k] = _shift(xb[k], cfg.augment_shift, g)
             lam, yb_mix = 1.0, yb
             if cfg.mixup > 0:
                 lam, partner = _mixup_draw(cfg.mixup, len(idx), g)
-                xb, yb_mix = lam * xb + (1 - lam) * xb[partner], yb[partner]
+                xb = {k: lam * v + (1 - lam) * v[partner] for k, v in xb.items()}
+                yb_mix = yb[partner]
             mine = world.share(len(idx))
             n_local = len(yb[mine])
             # A rank left without rows (last batch shorter than the world) still joins DDP's
             # all-reduce: it runs one row with weight 0.
-            xb, yb, yb_mix = (xb[mine], yb[mine], yb_mix[mine]) if n_local else (xb[:1], yb[:1], yb_mix[:1])
-            xb, yb, yb_mix = xb.to(world.device), yb.to(world.device), yb_mix.to(world.device)
-            logits = net(xb)
+            rows = mine if n_local else slice(0, 1)
+            xb = {k: v[rows].to(world.device) for k, v in xb.items()}
+            yb, yb_mix = yb[rows].to(world.device), yb_mix[rows].to(world.device)
+            logits = first_output(call_model(net, xb))
             loss = loss_fn(logits, yb, xb)
             if lam < 1.0:  # mixed inputs: the loss mixes over both label sets with the same weight
                 loss = lam * loss + (1 - lam) * loss_fn(logits, yb_mix, xb)

@@ -1,0 +1,117 @@
+"""Where a variant's time goes: ONNX Runtime's profiler per node, torch.profiler for eager (layer 2).
+
+`profile_session(path, inputs, threads=...)` runs an ONNX file with profiling on and summarizes it:
+
+    run_ms          median wall time of one call (ORT's `model_run` event)
+    by_op           {op type: ms per call}, the graph ORT really ran (after its fusions and layout passes),
+                    plus "(between kernels)": the call's time no kernel accounts for (scheduling, copies)
+    top_nodes       the slowest nodes: name, op type, ms per call
+    shares          of the kernel time: Q/DQ nodes (quantize / dequantize), transposes and layout reorders,
+                    and NCHWc layout reorders alone
+    parallel_share  of the kernel time, the share spent in nodes where an intra-op sub-thread ran: near 0
+                    means the extra threads sat idle (the node's kernel did not split its work)
+
+The by_op entries sum to run_ms by construction, so a table of them adds up to the measured call.
+`profile_torch(fn, inputs)` gives torch.profiler's table (self CPU ms per call by aten op) for eager."""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput"})          # NCHWc blocking, inserted by ORT at level all
+REORDER_OPS = LAYOUT_OPS | {"Transpose"}
+BETWEEN = "(between kernels)"
+
+
+def summarize_events(events: list[dict], *, skip_runs: int = 0, top: int = 10) -> dict:
+    """The summary (see the module docstring) of an ORT profile's events; the first `skip_runs` calls are
+    left out (warm-up)."""
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    if len(runs) <= skip_runs:
+        raise ValueError(f"the profile holds {len(runs)} call(s); {skip_runs} are warm-up")
+    kept = runs[skip_runs:]
+    windows = [(r["ts"], r["ts"] + r["dur"]) for r in kept]
+    by_op: dict[str, float] = defaultdict(float)
+    by_node: dict[tuple[str, str], float] = defaultdict(float)
+    parallel = 0.0
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        if not any(start <= e["ts"] <= end for start, end in windows):
+            continue
+        op = e["args"].get("op_name", "?")
+        by_op[op] += e["dur"]
+        by_node[(e["name"].removesuffix("_kernel_time"), op)] += e["dur"]
+        subs = (e["args"].get("thread_scheduling_stats") or {}).get("sub_threads") or {}
+        if any(int(s.get("num_run", 0)) > 0 for s in subs.values()):
+            parallel += e["dur"]
+    n = len(kept)
+    run_ms = statistics.median(r["dur"] for r in kept) / 1000.0
+    kernel_ms = sum(by_op.values()) / n / 1000.0
+    table = {op: us / n / 1000.0 for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])}
+    total_kernel = sum(by_op.values()) or 1.0
+    mean_run_ms = sum(r["dur"] for r in kept) / n / 1000.0
+    table[BETWEEN] = max(0.0, mean_run_ms - kernel_ms)
+    # scale to the median call so the table sums to run_ms (the kernels' mix is the mean call's)
+    scale = run_ms / max(sum(table.values()), 1e-12)
+    table = {k: v * scale for k, v in table.items()}
+    nodes = sorted(by_node.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "runs": n, "run_ms": run_ms, "kernel_ms": kernel_ms * scale, "by_op": table,
+        "top_nodes": [{"node": name, "op": op, "ms": us / n / 1000.0 * scale} for (name, op), us in nodes],
+        "shares": {"qdq": sum(v for k, v in by_op.items() if k in QDQ_OPS) / total_kernel,
+                   "reorder_transpose": sum(v for k, v in by_op.items() if k in REORDER_OPS) / total_kernel,
+                   "layout": sum(v for k, v in by_op.items() if k in LAYOUT_OPS) / total_kernel},
+        "parallel_share": parallel / total_kernel,
+    }
+
+
+def profile_session(path: Path, inputs: Sequence[np.ndarray], *, threads: int, runs: int = 20, warmup: int = 3,
+                    opt_level: str = "all") -> dict:
+    """Profile `runs` calls of the ONNX file at `path` (after `warmup` untimed ones) at `threads` threads."""
+    import onnxruntime as ort
+
+    from .runtime import OPT_LEVELS
+
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-profile-") as tmp:
+        so = ort.SessionOptions()
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[opt_level if opt_level in OPT_LEVELS and opt_level != "layout" else "all"]
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        feeds = {i.name: x for i, x in zip(sess.get_inputs(), inputs)}
+        for _ in range(warmup + runs):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    out = summarize_events(events, skip_runs=warmup)
+    out["threads"] = threads
+    return out
+
+
+def profile_torch(fn, inputs: Sequence[np.ndarray], *, runs: int = 10, warmup: int = 3, top: int = 10) -> dict:
+    """torch.profiler's op table of a torch predictor: {op: self CPU ms per call}, the slowest `top`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn(*inputs)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            fn(*inputs)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return {"runs": runs, "by_op": {e.key: e.self_cpu_time_total / runs / 1000.0 for e in rows[:top]},
+            "total_ms": sum(e.self_cpu_time_total for e in rows) / runs / 1000.0}
