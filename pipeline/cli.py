@@ -293,6 +293,8 @@ def quantize_cmd(
     exclusion_rounds: Annotated[Optional[int], typer.Option("--exclusion-rounds", help=help_of(QuantizeConfig, "exclusion_rounds"))] = None,
     source: Annotated[str, typer.Option("--source", help="FP32 ONNX variant to start from.")] = "onnx",
     seed: Annotated[Optional[int], typer.Option("--seed", help=help_of(QuantizeConfig, "seed"))] = None,
+    layout_search: Annotated[Optional[bool], typer.Option("--layout-search/--no-layout-search",
+                                                          help=help_of(QuantizeConfig, "layout_search"))] = None,
     config: ConfigOpt = None,
 ) -> None:
     """INT8 (dynamic / static QDQ) and FP16 variants, each held to an accuracy budget against its parent."""
@@ -304,7 +306,7 @@ def quantize_cmd(
         "mode": mode, "calibration": calibration, "calib_samples": calib_samples, "per_channel": per_channel,
         "activation_type": activation_type, "weight_type": weight_type, "reduce_range": reduce_range,
         "max_accuracy_drop": max_drop, "min_agreement": min_agreement, "exclusion_rounds": exclusion_rounds,
-        "seed": seed})
+        "seed": seed, "layout_search": layout_search})
     cfg = ctx.config(QuantizeConfig, "quantize", run)
     print_quantize(run, quantize(run, cfg, ctx.data_for(run), source=source), cfg)
 

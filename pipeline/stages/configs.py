@@ -155,6 +155,8 @@ class QuantizeConfig:
     isolate: bool = setting(True, "Open each build in a child process first, so a native crash of ONNX Runtime "
                                   "refuses that variant instead of ending the run.")
     seed: int = setting(0, "Seed of the calibration subset.")
+    layout_search: bool = setting(True, "Static, image models: also build the graph's input conv block in float, "
+                                        "time both builds on this machine and keep the faster one.")
 
     def __post_init__(self):
         _tuple(self, "modes")
@@ -190,7 +192,7 @@ class QuantizeConfig:
         d.pop("modes")
         d.pop("isolate")
         if mode != "static":
-            for k in ("calibration", "calib_samples", "activation_type"):
+            for k in ("calibration", "calib_samples", "activation_type", "layout_search"):
                 d.pop(k)
         if mode == "fp16":
             for k in ("per_channel", "weight_type", "reduce_range"):
