@@ -24,6 +24,9 @@ SECTION = "onnxpipe-benchmarks"   # RESULTS.md markers: <!-- onnxpipe-benchmarks
 MODELS = ("cnn", "lstm", "gru", "transformer")
 SPEEDUP_TARGET = 1.5
 PEAK_TARGET = 0.8
+INT8_VS_FP32_TARGET = 1.2       # default CNN: the best INT8 variant against the best FP32 ONNX one, batch 64
+INT8_PEAK_TARGET = {"cnn": 0.5}  # base size: the selected INT8 variant's fraction of the INT8 matmul peak
+INT8_PEAK_DEFAULT = 0.4          # every other base-size model (or the report names the kernel)
 # A multi-thread cell is judged only when its timings look like the cores were the model's: torch eager
 # (or the variant) slower there than at one thread by more than these factors means other processes held
 # the cores (OpenMP barriers then wait for descheduled threads) and the ratio measures the machine's load.
@@ -129,6 +132,7 @@ def evaluate_targets(summary: dict) -> list[dict]:
                         "torch_p50_ms": ref["p50_ms"], "variant_p50_ms": cell["p50_ms"] if cell else None,
                         "limit": cell.get("limit") if cell else None,
                         "why": unstable or (None if cell else "no selected variant")})
+        out += budget_targets(summary, threads)
         if summary["model"] == "cnn" and summary["size"] == "default" and "onnx" in variants:
             cell = (variants["onnx"].get("latency") or {}).get(threads, {}).get("64")
             if cell:
@@ -139,6 +143,54 @@ def evaluate_targets(summary: dict) -> list[dict]:
                             "met": None if unstable else (frac is not None and frac >= PEAK_TARGET),
                             "gflops": cell.get("gflops"), "variant_p50_ms": cell["p50_ms"],
                             "limit": cell.get("limit"), "why": unstable})
+    return out
+
+
+def _best_within(lat: dict, threads: str, batch: str) -> tuple[float, str] | None:
+    """(the lowest p50 at any thread count <= threads, that count) of one variant's bench latency."""
+    cells = [(c[batch]["p50_ms"], t) for t, c in (lat or {}).items() if int(t) <= int(threads) and batch in c]
+    return min(cells) if cells else None
+
+
+def budget_targets(summary: dict, threads: str) -> list[dict]:
+    """Targets at a thread budget: each side at its own best thread count within it (what select chooses for
+    the variant; the best torch can do). Also, for the default CNN, the best INT8 variant against the best
+    FP32 ONNX variant at batch 64, and for base sizes the selected INT8 variant's fraction of the INT8 peak."""
+    out = []
+    variants, selected = summary["variants"], summary.get("selected")
+    lat = {v: d.get("latency") or {} for v, d in variants.items()}
+    for batch in ("1", "64"):
+        ref = _best_within(lat.get("torch"), threads, batch)
+        mine = _best_within(lat.get(selected), threads, batch) if selected else None
+        if ref and mine:
+            x = ref[0] / mine[0]
+            out.append({"target": f"selected at its best threads vs torch eager at its best, batch {batch}",
+                        "threads": int(threads), "variant": f"{selected} @{mine[1]}t (torch @{ref[1]}t)", "value": x,
+                        "goal": SPEEDUP_TARGET, "met": x >= SPEEDUP_TARGET, "torch_p50_ms": ref[0],
+                        "variant_p50_ms": mine[0], "why": None})
+    kind = {v: (d.get("flops") or {}).get("kind") for v, d in variants.items()}
+    onnx_vs = [v for v, d in variants.items() if d.get("stage") != "train" and v != "torch"]
+    if summary["model"] == "cnn" and summary["size"] == "default":
+        cell = {v: (lat[v].get(threads) or {}).get("64") for v in onnx_vs}
+        int8 = [(c["p50_ms"], v) for v, c in cell.items() if c and kind[v] == "int8" and not v.startswith("student")]
+        fp32 = [(c["p50_ms"], v) for v, c in cell.items() if c and kind[v] == "fp32" and not v.startswith("student")
+                and v in ("onnx", "onnx_opt")]
+        if int8 and fp32:
+            (i_ms, i_v), (f_ms, f_v) = min(int8), min(fp32)
+            x = f_ms / i_ms
+            out.append({"target": "best INT8 vs best FP32 ONNX, batch 64", "threads": int(threads),
+                        "variant": f"{i_v} vs {f_v}", "value": x, "goal": INT8_VS_FP32_TARGET,
+                        "met": x >= INT8_VS_FP32_TARGET, "variant_p50_ms": i_ms, "why": None})
+    if summary["size"] == "base" and selected and kind.get(selected) == "int8":
+        c = (lat[selected].get(threads) or {}).get("64")
+        if c and c.get("fraction_of_peak") is not None:
+            goal = INT8_PEAK_TARGET.get(summary["model"], INT8_PEAK_DEFAULT)
+            frac = c["fraction_of_peak"]
+            reading = (summary.get("readings") or {}).get(threads)
+            out.append({"target": "selected INT8 at batch 64 vs INT8 matmul peak", "threads": int(threads),
+                        "variant": selected, "value": frac, "goal": goal, "met": frac >= goal,
+                        "variant_p50_ms": c["p50_ms"], "limit": c.get("limit"),
+                        "why": None if frac >= goal else reading})
     return out
 
 
@@ -156,6 +208,11 @@ def summarize_run(run, model: str, size: str, build_s, bench_s) -> dict:
                "training": {k: run.manifest.get("training", {}).get(k) for k in ("epochs_run", "best_val_accuracy")},
                "limits": run.manifest.get("bench", {}).get("limits"), "variants": variants,
                "load_average": run.manifest.get("bench", {}).get("load_average")}
+    from onnxpipe.stages.report_profile import limit_cells, reading
+
+    # where the selected variant sits at batch 64 and why, written from its profile (report_profile.reading)
+    summary["readings"] = {t: reading(run, v, t, b, c) for v, t, b, c in limit_cells(run)}
+    summary["session_setting"] = run.metrics(run.selected).get("session_setting") if run.selected else None
     summary["targets"] = evaluate_targets(summary)
     return summary
 
@@ -225,6 +282,11 @@ def markdown(results: dict) -> str:
                          f"{_f(c1.get('p50_ms'), '.3f')} | {_f(share, '.0f')} % | {c1.get('limit') or '-'} | "
                          f"{_f(c64.get('p50_ms'), '.3f')} | {_f(c64.get('gflops'), '.1f')} | "
                          f"{_f(None if frac is None else 100 * frac, '.0f')} % | {c64.get('limit') or '-'} |")
+    lines += ["", "Readings, written from each selected variant's profile (`onnxpipe bench` profiles the selected "
+              "variant; pipeline/stages/report_profile.py):", ""]
+    for r in results["runs"]:
+        for t, text in (r.get("readings") or {}).items():
+            lines.append(f"- {r['model']}-{r['size']}: {text}")
     lines += ["", "### Every variant against the limit", "",
               "FLOPs per row from the ONNX graph (int8 variants: integer ops); peak: the FP32 or INT8 matmul rate "
               "measured in the same rounds; compute floor = work / peak; overhead = one near-empty call. "

@@ -306,6 +306,8 @@ def quantize_cmd(
     exclusion_rounds: Annotated[Optional[int], typer.Option("--exclusion-rounds", help=help_of(QuantizeConfig, "exclusion_rounds"))] = None,
     source: Annotated[str, typer.Option("--source", help="FP32 ONNX variant to start from.")] = "onnx",
     seed: Annotated[Optional[int], typer.Option("--seed", help=help_of(QuantizeConfig, "seed"))] = None,
+    layout_search: Annotated[Optional[bool], typer.Option("--layout-search/--no-layout-search",
+                                                          help=help_of(QuantizeConfig, "layout_search"))] = None,
     config: ConfigOpt = None,
 ) -> None:
     """INT8 (dynamic / static QDQ) and FP16 variants, each held to an accuracy budget against its parent."""
@@ -317,7 +319,7 @@ def quantize_cmd(
         "mode": mode, "calibration": calibration, "calib_samples": calib_samples, "per_channel": per_channel,
         "activation_type": activation_type, "weight_type": weight_type, "reduce_range": reduce_range,
         "max_accuracy_drop": max_drop, "min_agreement": min_agreement, "exclusion_rounds": exclusion_rounds,
-        "seed": seed})
+        "seed": seed, "layout_search": layout_search})
     cfg = ctx.config(QuantizeConfig, "quantize", run)
     print_quantize(run, quantize(run, cfg, ctx.data_for(run), source=source), cfg)
 
@@ -743,9 +745,13 @@ def bench_cmd(
     runs: Annotated[Optional[int], typer.Option("--runs", min=1, help=help_of(BenchConfig, "runs"))] = None,
     variants: Annotated[Optional[str], typer.Option("--variants", help=help_of(BenchConfig, "variants"))] = None,
     memory: Annotated[Optional[bool], typer.Option("--memory/--no-memory", help=help_of(BenchConfig, "memory"))] = None,
+    profile: Annotated[Optional[bool], typer.Option(
+        "--profile/--no-profile", help="Profile every variant (--profile) or none (--no-profile); by default the "
+        "selected one and torch eager. " + help_of(BenchConfig, "profile"))] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Time every variant side by side with PyTorch eager; FLOPs, fraction of the machine's peak, memory."""
+    """Time every variant side by side with PyTorch eager; FLOPs, fraction of the machine's peak, memory, and
+    where each profiled variant's time goes (by op type and node, Q/DQ and layout shares, thread use)."""
     from .console import print_bench
     from .orchestrate import stage_bench
     from .stages.configs import parse_int_list, parse_name_list
@@ -753,7 +759,8 @@ def bench_cmd(
     run = _open(run_dir)
     ctx = _ctx(config, bench={"batches": parse_int_list(batch, "--batch"),
                               "threads": parse_int_list(threads, "--threads", "1,2"), "device": device,
-                              "warmup": warmup, "runs": runs, "memory": memory, "variants": parse_name_list(variants)})
+                              "warmup": warmup, "runs": runs, "memory": memory, "variants": parse_name_list(variants),
+                              "profile": None if profile is None else ("all" if profile else "none")})
     cfg = ctx.config(BenchConfig, "bench")   # a bad setting stops here, before anything is measured
     info = stage_bench(run, ctx, log_line=lambda msg: typer.echo(msg, err=True))
     print_bench(run, info, cfg.device)

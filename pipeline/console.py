@@ -161,7 +161,20 @@ def print_bench(run, info: dict, device: str) -> None:
             typer.echo(f"limits at {t} thread(s), measured in the batch-{b} rounds: FP32 matmul {x['fp32_gflops']:.0f} "
                        f"GFLOP/s, INT8 matmul {x['int8_gops']:.0f} GOP/s, per-call overhead ORT "
                        f"{1000 * x['overhead_ms']:.0f} us, torch {1000 * x['torch_overhead_ms']:.0f} us")
+    print_profiles(run)
     typer.echo(f"results in {run.root / 'manifest.json'} (metrics.<variant>.bench)")
+
+
+def print_profiles(run) -> None:
+    """One line per profiled (variant, threads, batch): where the time goes, slowest op types first."""
+    import typer
+
+    from .core.profile import profile_line
+
+    for v in (run.section("bench") or {}).get("profiled", []):
+        for t, by_batch in run.metrics(v)["bench"].get("profile", {}).items():
+            for b, prof in by_batch.items():
+                typer.echo(f"profile {v} at {t} thread(s), batch {b}: {profile_line(prof)}")
 
 
 def print_package(pkg) -> None:

@@ -96,3 +96,41 @@ def test_timing_blocks_leave_the_cold_first_call_untimed():
     warm = time_interleaved(fns, batch=1, warmup=0, runs=4, block=3)
     assert cold["a"].p50 >= 5.0 and cold["a"].runs == 4
     assert warm["a"].p50 < 1.0 and warm["a"].runs == 8  # 2 timed calls per round
+
+
+def test_bench_profiles_each_variant_and_the_report_reads_them(tiny_run, copy_run_to, tmp_path_factory):
+    """--profile (all): every variant gets a profile per (threads, batch) that adds up to its call and names
+    the ops of the graph ORT ran; the report's profile and limit sections are built from them."""
+    import onnx
+
+    from onnxpipe.core.profile import BETWEEN
+    from onnxpipe.core.runtime import make_session
+    from onnxpipe.stages.report import build_report, to_markdown
+
+    run = Run.open(copy_run_to(tiny_run("cnn"), tmp_path_factory.mktemp("profiled")))
+    run.set_selected("onnx")
+    bench(run, BenchConfig(batches=(8,), threads=(1, 2), warmup=1, runs=3, memory=False, profile="all",
+                           profile_runs=5))
+    run = Run.open(run.root)
+    assert run.section("bench")["profiled"] == sorted(run.variants())
+    optimized = tmp_path_factory.mktemp("asrun") / "onnx.onnx"
+    make_session(run.path("onnx"), device="cpu", threads=1, opt_level="all", optimized_model_path=optimized)
+    graph_ops = {n.op_type for n in onnx.load(str(optimized)).graph.node}
+    prof = run.metrics("onnx")["bench"]["profile"]["2"]["8"]
+    assert sum(prof["by_op"].values()) == pytest.approx(prof["run_ms"], rel=1e-6)
+    assert set(prof["by_op"]) - {BETWEEN} <= graph_ops and prof["threads"] == 2
+    assert 0.0 <= prof["parallel_share"] <= 1.0
+    torch_prof = run.metrics("torch")["bench"]["profile"]["1"]["8"]
+    assert torch_prof["total_ms"] > 0 and any("conv" in op for op in torch_prof["by_op"])
+    md = to_markdown(build_report(run))
+    assert "## Where the time goes" in md and "## Against the limit" in md
+    assert "onnx at 2 thread(s), batch 8:" in md and "% of the FP32 matmul peak" in md
+    assert "profile.png" in md
+
+
+def test_bench_profiles_only_the_selected_and_torch_by_default(benched):
+    # the module fixture ran with the default profile="selected"; the tiny run has no selection yet
+    assert benched.manifest["bench"]["profiled"] == (["torch"] if benched.selected is None
+                                                     else sorted({"torch", benched.selected}))
+    assert all("profile" not in benched.metrics(v)["bench"] for v in benched.variants()
+               if v not in benched.manifest["bench"]["profiled"])

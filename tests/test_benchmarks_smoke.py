@@ -22,7 +22,11 @@ def test_benchmark_script_writes_results_and_keeps_the_rest_of_results_md(tiny_r
     (run,) = results["runs"]
     assert run["model"] == "cnn" and set(run["variants"]) == {"torch", "onnx"}
     assert results["machine"]["cpu"] and "onnxruntime" in results["versions"]
-    assert len(run["targets"]) == 3 and sum("peak" in t["target"] for t in run["targets"]) == 1
+    assert len(run["targets"]) == 5 and sum("peak" in t["target"] for t in run["targets"]) == 1
+    best = [t for t in run["targets"] if "at its best threads" in t["target"]]
+    assert len(best) == 2 and all(t["value"] == t["torch_p50_ms"] / t["variant_p50_ms"] for t in best)
+    onnx_b64 = run["variants"]["onnx"]["latency"]["1"]["64"]["p50_ms"]
+    assert next(t for t in best if t["target"].endswith("batch 64"))["variant_p50_ms"] == onnx_b64
     for t in run["targets"]:
         assert t["value"] is None or t["value"] > 0
     text = md.read_text()

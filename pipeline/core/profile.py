@@ -10,6 +10,8 @@
                     and NCHWc layout reorders alone
     parallel_share  of the kernel time, the share spent in nodes where an intra-op sub-thread ran: near 0
                     means the extra threads sat idle (the node's kernel did not split its work)
+    serial_by_op    {op type: ms per call} of the kernel time in which no sub-thread ran, slowest first:
+                    with several threads, the kernels that held the others idle
 
 The by_op entries sum to run_ms by construction, so a table of them adds up to the measured call.
 `profile_torch(fn, inputs)` gives torch.profiler's table (self CPU ms per call by aten op) for eager."""
@@ -41,6 +43,7 @@ def summarize_events(events: list[dict], *, skip_runs: int = 0, top: int = 10) -
     windows = [(r["ts"], r["ts"] + r["dur"]) for r in kept]
     by_op: dict[str, float] = defaultdict(float)
     by_node: dict[tuple[str, str], float] = defaultdict(float)
+    serial: dict[str, float] = defaultdict(float)
     parallel = 0.0
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
@@ -53,6 +56,8 @@ def summarize_events(events: list[dict], *, skip_runs: int = 0, top: int = 10) -
         subs = (e["args"].get("thread_scheduling_stats") or {}).get("sub_threads") or {}
         if any(int(s.get("num_run", 0)) > 0 for s in subs.values()):
             parallel += e["dur"]
+        else:
+            serial[op] += e["dur"]
     n = len(kept)
     run_ms = statistics.median(r["dur"] for r in kept) / 1000.0
     kernel_ms = sum(by_op.values()) / n / 1000.0
@@ -71,6 +76,7 @@ def summarize_events(events: list[dict], *, skip_runs: int = 0, top: int = 10) -
                    "reorder_transpose": sum(v for k, v in by_op.items() if k in REORDER_OPS) / total_kernel,
                    "layout": sum(v for k, v in by_op.items() if k in LAYOUT_OPS) / total_kernel},
         "parallel_share": parallel / total_kernel,
+        "serial_by_op": {op: us / n / 1000.0 * scale for op, us in sorted(serial.items(), key=lambda kv: -kv[1])[:top]},
     }
 
 
@@ -101,6 +107,25 @@ def profile_session(path: Path, inputs: Sequence[np.ndarray], *, threads: int, r
     out = summarize_events(events, skip_runs=warmup)
     out["threads"] = threads
     return out
+
+
+def op_shares(prof: dict, top: int = 3) -> list[tuple[str, float]]:
+    """[(op, share of the call)] of the `top` slowest op types of a profile (ONNX or torch)."""
+    total = prof.get("run_ms") or prof.get("total_ms") or sum(prof["by_op"].values()) or 1.0
+    ops = [(op, ms / total) for op, ms in prof["by_op"].items() if op != BETWEEN]
+    return sorted(ops, key=lambda kv: -kv[1])[:top]
+
+
+def profile_line(prof: dict, top: int = 3) -> str:
+    """'Conv 62 %, ReorderInput 14 %, MaxPool 9 %; Q/DQ 0 %, reorder/transpose 14 %; on >1 thread 0 %'."""
+    head = ", ".join(f"{op} {100 * share:.0f} %" for op, share in op_shares(prof, top))
+    if "shares" not in prof:  # torch.profiler's table
+        return head + " (torch.profiler, self CPU time)"
+    sh = prof["shares"]
+    line = f"{head}; Q/DQ {100 * sh['qdq']:.0f} %, reorder/transpose {100 * sh['reorder_transpose']:.0f} %"
+    if prof.get("threads", 1) > 1:
+        line += f"; on >1 thread {100 * prof['parallel_share']:.0f} %"
+    return line
 
 
 def profile_torch(fn, inputs: Sequence[np.ndarray], *, runs: int = 10, warmup: int = 3, top: int = 10) -> dict:

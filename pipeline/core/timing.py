@@ -37,6 +37,11 @@ def thread_candidates(limit: int | None = None) -> tuple[int, ...]:
     return tuple(out + [top])
 
 
+# A choice that costs more (more threads, spinning, a float block that makes the file bigger) must be more
+# than this much faster to be taken: timings closer than that are noise on a shared machine.
+NEAR_TIE = 0.03
+
+
 @dataclass
 class Latency:
     """Per-call latency statistics in milliseconds for one candidate at one batch size."""

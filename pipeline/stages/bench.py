@@ -10,6 +10,8 @@ Per variant the manifest gets metrics[v]["bench"]:
     (a fresh process loading and running the variant, pipeline.memprobe), and
     latency[threads][batch] = {p50_ms, p90_ms, p99_ms, mean_ms, std_ms, runs, throughput_rows_s,
         speedup_vs_torch, gflops, fraction_of_peak, compute_floor_ms, overhead_ms, limit}
+    profile[threads][batch] (the variants BenchConfig.profile names; default the selected one and torch):
+        where the time goes, core/profile.py's summary (ONNX) or torch.profiler's op table (torch)
 
 and manifest["bench"] holds the settings, the machine and its measured limits (pipeline.peak).
 `limit` says which floor is higher for that cell: "compute" (work / peak) or "overhead" (one near-empty
@@ -147,6 +149,8 @@ def bench(run: Run, cfg: BenchConfig, data=None, *, log: Callable[[str], None] |
                     overhead = torch_overhead if run.artifact(v).format == "torch" else lats[EMPTY].p50
                     latency[v].setdefault(str(threads), {})[str(batch)] = _cell(lats[v], flops[v], peak, overhead, ref)
         del fns, probes
+
+    profiles = profile_variants(run, cfg, groups, inputs, torch_device, say)
     torch.set_num_threads(saved_threads)
 
     memory: dict[str, dict] = {}
@@ -168,6 +172,7 @@ def bench(run: Run, cfg: BenchConfig, data=None, *, log: Callable[[str], None] |
         # Other processes' load: a multi-thread cell on cores that were busy says more about them than the model.
         "load_average": {"before": load_before, "after": _load_average()},
         "method": "interleaved rounds, warm-up discarded, monotonic clock, ORT spinning off; median per cell",
+        "profiled": sorted(profiles),
     }
     with run.batch():
         for v in variants:
@@ -178,9 +183,44 @@ def bench(run: Run, cfg: BenchConfig, data=None, *, log: Callable[[str], None] |
                 "peak_rss_mb": memory.get(v, {}).get("peak_rss_mb"),
                 "import_rss_mb": memory.get(v, {}).get("import_rss_mb"),
                 "latency": latency[v],
+                **({"profile": profiles[v]} if v in profiles else {}),
             })
         run.set_section("bench", section)
     return section
+
+
+def profile_variants(run: Run, cfg: BenchConfig, groups: dict[tuple, list[str]], inputs: dict, torch_device: str,
+                     say: Callable[[str], None]) -> dict[str, dict]:
+    """{variant: {threads: {batch: profile}}} (core/profile.py) for the variants `cfg.profile` names: ONNX
+    Runtime's profiler for ONNX variants, torch.profiler's op table for torch eager. Each cell is profiled
+    alone, after the interleaved timing, so the profiler's own cost never touches the timed numbers."""
+    from ..core.profile import profile_session, profile_torch
+
+    if cfg.profile == "none":
+        return {}
+    wanted = [v for members in groups.values() for v in members
+              if cfg.profile == "all" or v in (run.selected, REFERENCE)]
+    if cfg.device != "cpu":
+        msg = (f"profiles are taken on the CPU only; bench --device {cfg.device} times {', '.join(wanted)} there "
+               "but records no profile for them")
+        import logging
+
+        logging.getLogger("onnxpipe").warning(msg)
+        say(msg)
+        return {}
+    out: dict[str, dict] = {}
+    for sig, members in groups.items():
+        for v in (m for m in members if m in wanted):
+            say(f"profiling {v} (where its time goes) at {', '.join(map(str, cfg.thread_counts()))} thread(s)")
+            torch_kind = run.artifact(v).format == "torch"
+            for threads in cfg.thread_counts():
+                fn = load_predictor(run, v, device=torch_device, threads=threads) if torch_kind else None
+                for batch in cfg.batches:
+                    x = inputs[sig][batch]
+                    prof = (profile_torch(fn, x, runs=max(3, cfg.profile_runs // 2)) if torch_kind else
+                            profile_session(run.path(v), x, threads=threads, runs=cfg.profile_runs))
+                    out.setdefault(v, {}).setdefault(str(threads), {})[str(batch)] = prof
+    return out
 
 
 def bench_rows(run: Run) -> list[dict]:

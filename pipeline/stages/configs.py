@@ -155,6 +155,8 @@ class QuantizeConfig:
     isolate: bool = setting(True, "Open each build in a child process first, so a native crash of ONNX Runtime "
                                   "refuses that variant instead of ending the run.")
     seed: int = setting(0, "Seed of the calibration subset.")
+    layout_search: bool = setting(True, "Static, image models: also build the graph's input conv block in float, "
+                                        "time both builds on this machine and keep the faster one.")
 
     def __post_init__(self):
         _tuple(self, "modes")
@@ -190,7 +192,7 @@ class QuantizeConfig:
         d.pop("modes")
         d.pop("isolate")
         if mode != "static":
-            for k in ("calibration", "calib_samples", "activation_type"):
+            for k in ("calibration", "calib_samples", "activation_type", "layout_search"):
                 d.pop(k)
         if mode == "fp16":
             for k in ("per_channel", "weight_type", "reduce_range"):
@@ -424,6 +426,9 @@ class SelectConfig:
                               f"({', '.join(str(b) for b in self.batches)}), got {self.objective!r}")
 
 
+PROFILE_CHOICES = ("none", "selected", "all")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     batches: tuple[int, ...] = setting((1, 64), "Batch sizes.")
@@ -435,9 +440,17 @@ class BenchConfig:
     block: int = setting(3, "Calls per variant per round; the first re-warms caches and is not timed.")
     memory: bool = setting(True, "Measure the peak RSS of a fresh process per variant.")
     variants: tuple[str, ...] | None = setting(None, "Subset of variants (torch is always included).")
+    profile: str = setting("selected", "Where the time goes (ONNX Runtime's profiler; torch.profiler for eager), per "
+                                       "thread count and batch size: none, selected (the selected variant and torch "
+                                       "eager) or all.")
+    profile_runs: int = setting(20, "Profiled calls per cell (after 3 untimed ones).")
 
     def __post_init__(self):
         _tuple(self, "batches", "threads", "variants")
+        if self.profile not in PROFILE_CHOICES:
+            raise ConfigError(f"profile must be one of {', '.join(PROFILE_CHOICES)}, got {self.profile!r}")
+        if self.profile_runs < 1:
+            raise ConfigError(f"profile_runs must be >= 1, got {self.profile_runs}")
         _positive(self.batches, "batch sizes")
         _positive(self.threads, "thread counts")
         if self.device not in ("cpu", "cuda"):
@@ -447,9 +460,10 @@ class BenchConfig:
                               f"runs={self.runs}, block={self.block}")
 
     def thread_counts(self) -> tuple[int, ...]:
-        from ..core.timing import usable_cores
+        """The thread counts asked for, else the same sweep as select's (1, 2, 4, ... up to the usable cores)."""
+        from ..core.timing import thread_candidates
 
-        return self.threads or tuple(sorted({1, usable_cores()}))
+        return self.threads or thread_candidates()
 
 
 @dataclass(frozen=True)

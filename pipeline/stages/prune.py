@@ -342,8 +342,8 @@ def tp_prune(model: nn.Module, spec, cfg, ratio: float, pcfg: PruneConfig, ds: D
         pruner.step()
     except (TypeError, ValueError, IndexError, KeyError, AttributeError, RuntimeError) as e:
         raise ConfigError(f"Torch-Pruning cannot prune {spec.name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
-                          "(its dependency graph fails on some layers, e.g. an nn.GRU or nn.LSTM whose output is "
-                          "concatenated with another branch; see README, `onnxpipe prune`: reshape the model, or "
+                          "(its dependency graph fails on some layers, e.g. an nn.GRU whose output is concatenated "
+                          "with another branch; see README, `onnxpipe prune`: reshape the model, or "
                           "compress it with distill or quantize instead)") from None
     work.zero_grad(set_to_none=True)
     history = [[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in pruner.DG.pruning_history()]

@@ -237,6 +237,32 @@ def _builder(mode: str, cfg: QuantizeConfig, family: str, src: Path, pre: Path, 
     return pre, build_static
 
 
+def _static_layout(cfg: QuantizeConfig, family: str, src: Path, pre: Path, workdir: Path, calib: Rows,
+                   float_model: Path, build, probe: NativeProbe | None):
+    """(float model, build, record): the all-INT8 build or the one with the input conv block in float,
+    whichever ran faster here (pipeline/stages/int8_layout.py)."""
+    from .int8_layout import ALL_INT8, INPUT_BLOCK_FLOAT, choose_layout, input_block_float_model, time_layouts
+
+    alt_dir = workdir / INPUT_BLOCK_FLOAT
+    alt_dir.mkdir()
+    block = input_block_float_model(pre, alt_dir / "preprocessed.onnx")
+    if not block:
+        return float_model, build, {"chosen": ALL_INT8, "why": "the graph does not start with a Conv"}
+    alt_float, alt_unchecked = _builder("static", cfg, family, src, alt_dir / "preprocessed.onnx", alt_dir, calib)
+
+    def alt_build(excluded: list[str]) -> Path:
+        path = alt_unchecked([*block, *excluded])
+        if probe is not None:
+            probe.check(path, step="opening the static build with the input block in float")
+        return path
+
+    timed = time_layouts({ALL_INT8: build([]), INPUT_BLOCK_FLOAT: alt_build([])}, calib)
+    chosen, why = choose_layout(timed)
+    log.info("int8_static: %s", why)
+    record = {"input_block": block, "timed_p50_ms": timed, "chosen": chosen, "why": why}
+    return (alt_float, alt_build, record) if chosen == INPUT_BLOCK_FLOAT else (float_model, build, record)
+
+
 def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, source: str,
                   parent_logits: np.ndarray, workdir: Path, probe: NativeProbe | None = None) -> ModeResult:
     variant = variant_name(source, mode)
@@ -257,6 +283,10 @@ def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, sour
         if probe is not None:  # opened in a child first: a native crash refuses the variant, not the run
             probe.check(path, step=f"opening the {mode} build")
         return path
+
+    layout = None
+    if mode == "static" and family == "image" and cfg.layout_search:
+        float_model, build, layout = _static_layout(cfg, family, src, pre, workdir, calib, float_model, build, probe)
 
     def judge_build(path: Path):
         logits = predict_batched(make_session(path, device="cpu"), ds.x_test)
@@ -301,6 +331,8 @@ def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, sour
         "excluded_nodes": fit.excluded,
         "attempts": fit.attempts,
     }
+    if layout is not None:
+        extra["layout"] = layout
     if mode == "static":
         extra["calibration"] = {"split": "train", "samples": int(len(calib)), "method": cfg.calibration,
                                 "seed": cfg.seed, "indices_sha": _digest(calib_idx)}

@@ -353,6 +353,7 @@ def build_report(run: Run) -> Report:
 
     _variants_section(rep, run, tables, source)
     _limits_section(rep, run)
+    _profile_sections(rep, run)
     _parity_section(rep, run)
     _packages_section(rep, run)
 
@@ -541,6 +542,42 @@ def _limits_section(rep: Report, run: Run) -> None:
                          f"{1000 * x['overhead_ms']:.1f}", f"{1000 * x['torch_overhead_ms']:.1f}"])
     rep.table(["threads", "in the batch-N rounds", "FP32 matmul GFLOP/s", "INT8 matmul GOP/s",
                "ORT per-call overhead us", "torch per-call overhead us"], rows)
+
+
+def _profile_sections(rep: Report, run: Run) -> None:
+    """Where the time goes (bench's profiles) and the selected variant against the machine's limit."""
+    from . import report_profile as rp
+
+    if not run.section("bench"):
+        return
+    rep.h("Against the limit")
+    rows = rp.limit_rows(run)
+    if rows:
+        rep.table(rp.LIMIT_COLUMNS, rows)
+        for v, t, b, cell in rp.limit_cells(run):
+            rep.p(rp.reading(run, v, t, b, cell))
+    else:
+        rep.p("The selected variant has no bench cells: run `onnxpipe select` then `onnxpipe bench RUN`.")
+    rep.h("Where the time goes")
+    rows = rp.profile_rows(run)
+    if not rows:
+        rep.p("No profile recorded: run `onnxpipe bench RUN --profile` (every variant) or `onnxpipe bench RUN` "
+              "(the selected one and torch, the default).")
+        return
+    rep.table(rp.PROFILE_COLUMNS, rows)
+    rep.p("From ONNX Runtime's profiler (the graph it really ran, after its fusions) or torch.profiler (self CPU "
+          "time per aten op), each cell profiled alone after the timed rounds. The op shares add up to the "
+          "measured call; \"(between kernels)\" is time no kernel accounts for. on >1 thread: the share of "
+          "kernel time in which an intra-op sub-thread ran.")
+    fig = rp.plot_profiles(run, _pyplot())
+    if fig is not None:
+        rep.figure(Figure("profile.png", _png(fig), "Where the time goes: each op type's share of one call per "
+                          "profiled variant and thread count, at its largest profiled batch; the call's median "
+                          "ms at the bar's end."))
+    nodes = rp.top_node_rows(run)
+    if nodes:
+        rep.h("The slowest nodes", 3)
+        rep.table(rp.TOP_NODE_COLUMNS, nodes)
 
 
 def _parity_section(rep: Report, run: Run) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..core.predictors import load_predictor
 from ..core.runtime import SessionSetting
-from ..core.timing import thread_candidates, time_predictors
+from ..core.timing import NEAR_TIE, thread_candidates, time_predictors
 from ..errors import ArtifactError
 from ..runfolder import Run
 from .configs import SelectConfig
@@ -142,9 +142,6 @@ def choose(variants: dict[str, dict], objective: str = "geomean", *, max_bytes: 
     elif sel.selected is None:
         sel.why_none = "no ONNX variant may be selected: " + "; ".join(f"{v}: {why}" for v, why in sel.excluded.items())
     return sel
-
-
-NEAR_TIE = 0.03   # a setting that takes more of the machine must be > 3 % faster to be chosen
 
 
 def best_setting(timed: dict[str, dict[str, float]], settings: dict[str, SessionSetting], objective: str = "geomean",
