@@ -183,3 +183,55 @@ def test_reliability_battery_smoke(tiny_run, tmp_path):
                            "--markdown", str(again), "--note", "A note."], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]   # measures nothing: the same figures, with the note
     assert again.read_text().count("battery.py --run runs/cnn") == 1 and "its own id. A note." in again.read_text()
+
+
+def test_int8_peers_benchmark_smoke(tiny_run, tmp_path):
+    """benchmarks/int8_peers.py with ONNX Runtime's peers only (nothing extra to install), on a copy of the tiny
+    CNN quantized by onnxpipe, from another folder with a relative --runs-dir: the numbers it writes, the run
+    folder left as it was, and --render-only."""
+    runs = tmp_path / "runs"
+    run = runs / "cnn-default"
+    shutil.copytree(tiny_run("cnn"), run)
+    # the tiny model is barely trained: a wide budget, so that onnxpipe's INT8 and the peers are all judged by it
+    done = subprocess.run([sys.executable, "-m", "onnxpipe.cli", "quantize", str(run), "--mode", "dynamic,static",
+                           "--max-drop", "100", "--min-agreement", "0", "--calib-samples", "64", "--exclusion-rounds", "0",
+                           "--no-layout-search"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nHand-written notes stay.\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "int8_peers.py"), "--runs-dir", "runs", "--models", "cnn",
+           "--peers", "ort_static_per_tensor,ort_static_per_channel,ort_dynamic", "--batches", "1,8", "--threads", "1",
+           "--runs", "2", "--warmup", "0", "--block", "2", "--json", "peers.json", "--write", "--markdown", str(md)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before   # only read
+    res = json.loads((tmp_path / "peers.json").read_text())
+    (m,) = res["models"]
+    assert m["model"] == "cnn" and set(m["onnxpipe_variants"]) == {"int8_static", "int8_dynamic"} and not m["failed"]
+    assert set(m["candidates"]) == {"fp32", "int8_static", "int8_dynamic", "ort_static_per_tensor",
+                                    "ort_static_per_channel", "ort_dynamic"}
+    assert m["calibration"]["samples"] == 64 and m["budget"] == {"max_accuracy_drop": 100.0, "min_agreement": 0.0}
+    for name, c in m["candidates"].items():
+        assert c["bytes"] > 0 and 0 <= c["agreement"] <= 1 and 0 <= c["accuracy"] <= 1 and c["within_budget"], name
+    assert m["candidates"]["fp32"]["agreement"] == 1.0
+    assert m["candidates"]["ort_dynamic"]["bytes"] < 0.5 * m["candidates"]["fp32"]["bytes"]   # int8 weights
+    assert [(c["batch"], c["threads"]) for c in m["cells"]] == [(1, 1), (8, 1)]
+    for c in m["cells"]:
+        cell = m["latency"]["1"][str(c["batch"])]
+        assert c["onnxpipe"] in ("int8_static", "int8_dynamic") and c["best_peer"] in m["candidates"]
+        assert c["onnxpipe_ms"] == min(cell[v]["p50_ms"] for v in ("int8_static", "int8_dynamic"))
+        assert c["peer_ms"] == min(cell[p]["p50_ms"] for p in m["candidates"] if p.startswith("ort_"))
+        assert c["ratio"] > 0 and abs(c["ratio"] - c["onnxpipe_ms"] / c["peer_ms"]) < 1e-12
+        assert c["verdict"] == ("level" if abs(c["ratio"] - 1) <= 0.03 else "ahead" if c["ratio"] < 1 else "behind")
+        assert all(cell[n]["runs"] == 2 and cell[n]["p50_ms"] > 0 for n in m["candidates"])
+    text = md.read_text()
+    assert text.startswith("# Results\n\nHand-written notes stay.") and text.count("<!-- onnxpipe-int8-peers:begin -->") == 1
+    assert "| cnn | 8 / 1 |" in text and "int8_peers.py --runs-dir runs --models cnn" in text
+
+    md.write_text(text.replace("| cnn | 8 / 1 |", "| stale row |"))
+    done = subprocess.run(cmd[:2] + ["--render-only", "--json", "peers.json", "--markdown", str(md)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = md.read_text()
+    assert "stale row" not in again and "| cnn | 8 / 1 |" in again and again.count("onnxpipe-int8-peers:begin") == 1
