@@ -184,14 +184,23 @@ def budget_targets(summary: dict, threads: str) -> list[dict]:
     if summary["size"] == "base" and selected and kind.get(selected) == "int8":
         c = (lat[selected].get(threads) or {}).get("64")
         if c and c.get("fraction_of_peak") is not None:
+            hard = summary["model"] in INT8_PEAK_TARGET   # the CNN must reach it; the others may name the kernel
             goal = INT8_PEAK_TARGET.get(summary["model"], INT8_PEAK_DEFAULT)
             frac = c["fraction_of_peak"]
             reading = (summary.get("readings") or {}).get(threads)
-            out.append({"target": "selected INT8 at batch 64 vs INT8 matmul peak", "threads": int(threads),
-                        "variant": selected, "value": frac, "goal": goal, "met": frac >= goal,
+            named = bool(reading) and "held back by" in reading
+            out.append({"target": "selected INT8 at batch 64 vs INT8 matmul peak" + ("" if hard else
+                                                                                   " (or the profile names the kernel)"),
+                        "threads": int(threads), "variant": selected, "value": frac, "goal": goal,
+                        "met": frac >= goal or (not hard and named),
                         "variant_p50_ms": c["p50_ms"], "limit": c.get("limit"),
                         "why": None if frac >= goal else reading})
     return out
+
+
+def int8_layout_of(run) -> dict | None:
+    """What quantize chose for the static INT8 variant's input block, with both builds' timings."""
+    return (run.artifact("int8_static").extra or {}).get("layout") if run.has("int8_static") else None
 
 
 def summarize_run(run, model: str, size: str, build_s, bench_s) -> dict:
@@ -213,6 +222,7 @@ def summarize_run(run, model: str, size: str, build_s, bench_s) -> dict:
     # where the selected variant sits at batch 64 and why, written from its profile (report_profile.reading)
     summary["readings"] = {t: reading(run, v, t, b, c) for v, t, b, c in limit_cells(run)}
     summary["session_setting"] = run.metrics(run.selected).get("session_setting") if run.selected else None
+    summary["int8_layout"] = int8_layout_of(run)
     summary["targets"] = evaluate_targets(summary)
     return summary
 
@@ -287,6 +297,18 @@ def markdown(results: dict) -> str:
     for r in results["runs"]:
         for t, text in (r.get("readings") or {}).items():
             lines.append(f"- {r['model']}-{r['size']}: {text}")
+    layouts = [r for r in results["runs"] if (r.get("int8_layout") or {}).get("timed_p50_ms")]
+    if layouts:
+        lines += ["", "### Static INT8: the input conv block in float or all-INT8 (chosen by quantize)", "",
+                  "Both builds timed by `onnxpipe quantize` itself (pipeline/stages/int8_layout.py), interleaved, p50 ms; "
+                  "the faster by geometric mean is kept.", "",
+                  "| model | size | cell | all-INT8 ms | input block float ms | speed-up | chosen |", "|---|---|---|---|---|---|---|"]
+        for r in layouts:
+            lay = r["int8_layout"]
+            a, f = lay["timed_p50_ms"]["all_int8"], lay["timed_p50_ms"]["input_block_float"]
+            for cell in a:
+                lines.append(f"| {r['model']} | {r['size']} | {cell} | {a[cell]:.3f} | {f[cell]:.3f} | "
+                             f"{a[cell] / f[cell]:.2f}x | {lay['chosen'] if cell == next(iter(a)) else ''} |")
     lines += ["", "### Every variant against the limit", "",
               "FLOPs per row from the ONNX graph (int8 variants: integer ops); peak: the FP32 or INT8 matmul rate "
               "measured in the same rounds; compute floor = work / peak; overhead = one near-empty call. "
@@ -338,7 +360,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.render_only:
         results = json.loads(args.results.read_text())
+        from onnxpipe.runfolder import Run
+
         for r in results["runs"]:
+            if "int8_layout" not in r and r.get("run") and (Path(r["run"]) / "manifest.json").is_file():
+                r["int8_layout"] = int8_layout_of(Run.open(Path(r["run"])))   # results from before it was recorded
             if r.get("variants"):
                 r["targets"] = evaluate_targets(r)
         write_markdown(args.markdown, markdown(results))

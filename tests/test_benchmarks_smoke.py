@@ -137,3 +137,146 @@ def test_serving_benchmarks_smoke(tiny_run, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     for what in ("half the headers", "half the body"):
         assert f"a client that sends {what} and waits: answered 'HTTP/1.1 408'" in done.stdout
+
+
+def _battery():
+    """benchmarks/battery.py as a module (benchmarks/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("battery", ROOT / "benchmarks" / "battery.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_battery_checker_counts_wrong_and_misrouted_answers():
+    """The battery's answer check can fail: a foreign id, a moved value, a wrong status are each counted."""
+    import numpy as np
+
+    battery = _battery()
+    want = np.arange(10, dtype=np.float32).reshape(1, 10)
+    good = battery.Good(b"POST /x " + battery.PLACEHOLDER.encode(), np.array([0]), False, want)
+
+    def answer(rid, values):
+        return b"HTTP/1.1 200 OK\r\n\r\n", json.dumps({"id": rid, "model_name": "cnn", "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": values.ravel().tolist()}]}).encode()
+
+    for exact, moved_is_wrong in ((False, False), (True, True)):
+        mix = battery.Mix("cnn", [good], {}, 0.0, exact=exact)
+        cases = [("own", want), ("foreign", want), ("own", want + 1e-6), ("own", want + 1.0)]
+        for who, values in cases:
+            raw, on_answer = mix()
+            rid = raw.decode().split()[-1]
+            assert rid == f"{mix.counter:012d}"
+            on_answer(200, *answer(rid if who == "own" else "000000000999", values))
+        raw, on_answer = mix()
+        on_answer(500, b"HTTP/1.1 500 x\r\n\r\n", b'{"error": "boom"}')
+        t = mix.tally
+        assert (t.sent, t.good, t.good_200, t.misrouted, t.other_5xx, t.good_other) == (5, 5, 4, 1, 1, 1)
+        assert t.exact == 1 and t.wrong == 1 + moved_is_wrong and t.max_abs == 1.0
+    mix = battery.Mix("cnn", [good], {k: k.encode() for k in battery.BAD_KINDS}, 1.0, exact=False)
+    for status in (400, 200, 503, 404, 500):
+        _, on_answer = mix()
+        on_answer(status, b"HTTP/1.1 x\r\n\r\n", b"{}")
+    t = mix.tally
+    assert (t.bad, t.bad_4xx, t.bad_other, t.shed, t.other_5xx) == (5, 2, 2, 1, 1)
+    assert len(t.bad_by_kind) == 5
+
+
+def test_reliability_battery_smoke(tiny_run, tmp_path):
+    """benchmarks/battery.py end to end on a copy of the tiny CNN run: the FP32 variant and a dynamic INT8 copy,
+    one short level each, then SIGTERM under load; the figures it reports are the targets."""
+    root = tmp_path / "runs" / "cnn"
+    shutil.copytree(tiny_run("cnn"), root)
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nHand-written notes stay.\n")
+    out = tmp_path / "battery.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "battery.py"), "--run", "runs/cnn", "--clients", "6",
+           "--seconds", "1.5", "--dynamic-seconds", "1", "--bad-fraction", "0.2", "--catalog", "64",
+           "--sigterm-clients", "6", "--sigterm-after", "0.5", "--json", str(out), "--write", "--markdown", str(md)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)   # a relative --run
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["failures"] == []
+    fp32, dyn = res["parts"]
+    assert (fp32["variant"], fp32["batched_across_callers"]) == ("onnx", True)
+    assert (dyn["variant"], dyn["batched_across_callers"], dyn["batch_dependent"]) == ("int8_dynamic", False, True)
+    assert (tmp_path / "runs" / "cnn-dynamic" / "int8_dynamic.onnx").is_file()
+    for part in res["parts"]:
+        (lv,) = part["levels"]
+        assert lv["clients"] == 6 and lv["answered"] == lv["sent"] > 20 and lv["connection_errors"] == 0
+        assert lv["other_5xx"] == lv["wrong"] == lv["misrouted"] == lv["good_other"] == lv["bad_other"] == 0
+        assert lv["good_200"] + lv["shed"] == lv["good"] > 0 and lv["bad"] == lv["bad_4xx"] >= len(lv["bad_by_kind"]) == 7
+        assert all(400 <= int(s) < 500 for by in lv["bad_by_kind"].values() for s in by)
+        assert lv["bad_by_kind"]["unknown model"] == {"404": lv["bad_by_kind"]["unknown model"]["404"]}
+        assert lv["bad_by_kind"]["oversized body"] == {"413": lv["bad_by_kind"]["oversized body"]["413"]}
+        assert sum(int(v) for v in lv["statuses"].values()) == lv["answered"]
+        assert 0 < part["rss_mb"]["ready"] <= part["rss_mb"]["peak"] and part["rss_mb"]["peak"] >= lv["rss_mb_after"]
+        assert lv["rss_steady"]["answers"] > 0 and lv["rss_steady"]["to_mb"] <= part["rss_mb"]["peak"]
+        s = part["sigterm"]
+        assert s["exit_code"] == 0 and s["unanswered_before"] == 0 and s["sent_before"] > 0
+        assert s["in_flight"] == s["in_flight_answered"] > 0 and s["wrong"] == s["other_5xx"] == 0
+        assert part["server_log"]["shut_down_cleanly"] and part["server_log"]["tracebacks"] == 0
+    assert dyn["levels"][0]["exact"] == dyn["levels"][0]["good_200"]   # bitwise: each request run alone
+    assert dyn["levels"][0]["rows_per_call"] <= 8                         # never merged across callers
+    text = md.read_text()
+    assert text.startswith("# Results\n\nHand-written notes stay.") and text.count("onnxpipe-reliability-battery:begin") == 1
+    assert "battery.py --run runs/cnn" in text and "**met**" in text
+    again = tmp_path / "AGAIN.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "battery.py"), "--render", str(out), "--write",
+                           "--markdown", str(again), "--note", "A note."], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]   # measures nothing: the same figures, with the note
+    assert again.read_text().count("battery.py --run runs/cnn") == 1 and "its own id. A note." in again.read_text()
+
+
+def test_int8_peers_benchmark_smoke(tiny_run, tmp_path):
+    """benchmarks/int8_peers.py with ONNX Runtime's peers only (nothing extra to install), on a copy of the tiny
+    CNN quantized by onnxpipe, from another folder with a relative --runs-dir: the numbers it writes, the run
+    folder left as it was, and --render-only."""
+    runs = tmp_path / "runs"
+    run = runs / "cnn-default"
+    shutil.copytree(tiny_run("cnn"), run)
+    # the tiny model is barely trained: a wide budget, so that onnxpipe's INT8 and the peers are all judged by it
+    done = subprocess.run([sys.executable, "-m", "onnxpipe.cli", "quantize", str(run), "--mode", "dynamic,static",
+                           "--max-drop", "100", "--min-agreement", "0", "--calib-samples", "64", "--exclusion-rounds", "0",
+                           "--no-layout-search"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nHand-written notes stay.\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "int8_peers.py"), "--runs-dir", "runs", "--models", "cnn",
+           "--peers", "ort_static_per_tensor,ort_static_per_channel,ort_dynamic", "--batches", "1,8", "--threads", "1",
+           "--runs", "2", "--warmup", "0", "--block", "2", "--json", "peers.json", "--write", "--markdown", str(md)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before   # only read
+    res = json.loads((tmp_path / "peers.json").read_text())
+    (m,) = res["models"]
+    assert m["model"] == "cnn" and set(m["onnxpipe_variants"]) == {"int8_static", "int8_dynamic"} and not m["failed"]
+    assert set(m["candidates"]) == {"fp32", "int8_static", "int8_dynamic", "ort_static_per_tensor",
+                                    "ort_static_per_channel", "ort_dynamic"}
+    assert m["calibration"]["samples"] == 64 and m["budget"] == {"max_accuracy_drop": 100.0, "min_agreement": 0.0}
+    for name, c in m["candidates"].items():
+        assert c["bytes"] > 0 and 0 <= c["agreement"] <= 1 and 0 <= c["accuracy"] <= 1 and c["within_budget"], name
+    assert m["candidates"]["fp32"]["agreement"] == 1.0
+    assert m["candidates"]["ort_dynamic"]["bytes"] < 0.5 * m["candidates"]["fp32"]["bytes"]   # int8 weights
+    assert [(c["batch"], c["threads"]) for c in m["cells"]] == [(1, 1), (8, 1)]
+    for c in m["cells"]:
+        cell = m["latency"]["1"][str(c["batch"])]
+        assert c["onnxpipe"] in ("int8_static", "int8_dynamic") and c["best_peer"] in m["candidates"]
+        assert c["onnxpipe_ms"] == min(cell[v]["p50_ms"] for v in ("int8_static", "int8_dynamic"))
+        assert c["peer_ms"] == min(cell[p]["p50_ms"] for p in m["candidates"] if p.startswith("ort_"))
+        assert c["ratio"] > 0 and abs(c["ratio"] - c["onnxpipe_ms"] / c["peer_ms"]) < 1e-12
+        assert c["verdict"] == ("level" if abs(c["ratio"] - 1) <= 0.03 else "ahead" if c["ratio"] < 1 else "behind")
+        assert all(cell[n]["runs"] == 2 and cell[n]["p50_ms"] > 0 for n in m["candidates"])
+    text = md.read_text()
+    assert text.startswith("# Results\n\nHand-written notes stay.") and text.count("<!-- onnxpipe-int8-peers:begin -->") == 1
+    assert "| cnn | 8 / 1 |" in text and "int8_peers.py --runs-dir runs --models cnn" in text
+
+    md.write_text(text.replace("| cnn | 8 / 1 |", "| stale row |"))
+    done = subprocess.run(cmd[:2] + ["--render-only", "--json", "peers.json", "--markdown", str(md)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = md.read_text()
+    assert "stale row" not in again and "| cnn | 8 / 1 |" in again and again.count("onnxpipe-int8-peers:begin") == 1

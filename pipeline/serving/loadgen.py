@@ -2,7 +2,10 @@
 
 `concurrency` connections each send a request, read the whole answer and send the next, for
 `seconds`; nothing is queued client-side, so the load can never run away (each connection has one
-request in flight, and each request a timeout). Every answer's status and latency is recorded.
+request in flight, and each request a timeout). Every answer's status and latency is recorded. The request
+is one fixed request, or a function that gives each next request with its own answer callback (a mix of
+requests, each answer checked against its own request: benchmarks/battery.py); an answer that says
+`connection: close` is followed by a new connection.
 Speaking HTTP over sockets keeps the client's own cost (a few tens of microseconds a request) out of
 the numbers; `onnxpipe tune` and benchmarks/serving.py use it.
 """
@@ -14,26 +17,34 @@ import re
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Union
 
 import numpy as np
 
 _LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)")
+_CLOSE = re.compile(rb"(?im)^connection:\s*close")
+
+OnAnswer = Callable[[int, bytes, bytes], None]   # (status, head, body) of every answer to one request
+# one fixed request, or a function giving each next request and the callback its answer goes to
+Requests = Union[bytes, Callable[[], "tuple[bytes, OnAnswer | None]"]]
 
 
 def infer_request(model: str, input_name: str, x: np.ndarray, *, binary: bool = True, version: str | None = None,
-                  host: str = "loadgen") -> bytes:
-    """The raw HTTP request for one input tensor (FP32), JSON or binary (binary answers too)."""
+                  host: str = "loadgen", request_id: str | None = None) -> bytes:
+    """The raw HTTP request for one input tensor (FP32), JSON or binary (binary answers too); `request_id`
+    is the request's `id`, which the answer echoes."""
     path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+    ident = {"id": request_id} if request_id is not None else {}
     if binary:
         blob = np.ascontiguousarray(x, "<f4").tobytes()
-        head = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape), "datatype": "FP32",
-                                       "parameters": {"binary_data_size": len(blob)}}],
+        head = json.dumps({**ident, "inputs": [{"name": input_name, "shape": list(x.shape), "datatype": "FP32",
+                                                "parameters": {"binary_data_size": len(blob)}}],
                            "parameters": {"binary_data_output": True}}).encode()
         return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n"
                 f"Inference-Header-Content-Length: {len(head)}\r\nContent-Length: {len(head) + len(blob)}\r\n\r\n"
                 ).encode() + head + blob
-    body = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape), "datatype": "FP32",
-                                   "data": x.ravel().tolist()}]}).encode()
+    body = json.dumps({**ident, "inputs": [{"name": input_name, "shape": list(x.shape), "datatype": "FP32",
+                                            "data": x.ravel().tolist()}]}).encode()
     return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
@@ -100,23 +111,35 @@ def split_answer(head: bytes, body: bytes) -> tuple[dict, bytes]:
     return json.loads(body[:n]), body[n:]
 
 
-async def _client(host: str, port: int, request: bytes, stop_at: float, result: LoadResult, timeout: float,
+async def _connect(host: str, port: int, timeout: float):
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return reader, writer
+
+
+async def _client(host: str, port: int, request: Requests, stop_at: float, result: LoadResult, timeout: float,
                   check=None) -> None:
     writer = None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader, writer = await _connect(host, port, timeout)
         while time.perf_counter() < stop_at:
+            raw, on_answer = request() if callable(request) else (request, None)
             t0 = time.perf_counter()
-            writer.write(request)
+            writer.write(raw)
             status, head, body = await asyncio.wait_for(read_full(reader), timeout)
             result.statuses[status] = result.statuses.get(status, 0) + 1
             if status == 200:
                 result.latencies_ms.append((time.perf_counter() - t0) * 1000)
                 if check is not None:
                     check(head, body)
-            elif status in (503, 504):
+            if on_answer is not None:
+                on_answer(status, head, body)
+            if status in (503, 504):
                 await asyncio.sleep(0.001)
+            if _CLOSE.search(head):  # the server ends this connection: go on with a new one
+                writer.close()
+                writer = None
+                reader, writer = await _connect(host, port, timeout)
     except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
         result.errors += 1
     finally:
@@ -124,10 +147,11 @@ async def _client(host: str, port: int, request: bytes, stop_at: float, result: 
             writer.close()
 
 
-async def drive(host: str, port: int, request: bytes, concurrency: int, seconds: float, *, timeout: float = 30.0,
+async def drive(host: str, port: int, request: Requests, concurrency: int, seconds: float, *, timeout: float = 30.0,
                 check=None) -> LoadResult:
     """`concurrency` closed-loop clients for `seconds` (on the running event loop); check(head, body) is called
-    with every 200 answer."""
+    with every 200 answer, and a request function's callback with every answer to its request. A client whose
+    connection breaks (or whose answer does not come within `timeout`) stops and counts one error."""
     result = LoadResult(concurrency, seconds)
     t0 = time.perf_counter()
     await asyncio.gather(*[_client(host, port, request, t0 + seconds, result, timeout, check)
@@ -136,7 +160,7 @@ async def drive(host: str, port: int, request: bytes, concurrency: int, seconds:
     return result
 
 
-def run_load(host: str, port: int, request: bytes, concurrency: int, seconds: float, **kw) -> LoadResult:
+def run_load(host: str, port: int, request: Requests, concurrency: int, seconds: float, **kw) -> LoadResult:
     return asyncio.run(drive(host, port, request, concurrency, seconds, **kw))
 
 
