@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip the seed-0 timing run")
     p.add_argument("--out", type=Path, default=HERE / "distill.json")
     p.add_argument("--write", action="store_true", help="rewrite the distill section of RESULTS.md")
+    p.add_argument("--render-only", action="store_true", help="rewrite the section from --out's JSON, measuring nothing")
     p.add_argument("--markdown", type=Path, default=RESULTS, help="the RESULTS.md to write into")
     return p.parse_args(argv)
 
@@ -59,7 +60,8 @@ def accuracy_over_seeds(model: str, seeds: list[int], args, work: Path) -> list[
         d = run.manifest["distillation"]
         rows.append({"seed": seed, **{k: d[k] for k in ("teacher_accuracy", "distilled_accuracy", "scratch_accuracy",
                                                           "teacher_params", "student_params", "student_model",
-                                                          "temperature", "alpha", "mixup")}})
+                                                          "temperature", "alpha", "mixup")},
+                     "gain": d.get("distillation_gain")})
         print(f"{model} seed {seed}: teacher {d['teacher_accuracy']:.4f} distilled {d['distilled_accuracy']:.4f} "
               f"scratch {d['scratch_accuracy']:.4f}", flush=True)
     return rows
@@ -91,18 +93,27 @@ def markdown(results: dict, command: str) -> str:
              f"Machine: {platform.processor() or platform.machine()}, {results['cores']} cores; torch {v.get('torch')}, "
              f"onnxruntime {v.get('onnxruntime')}. Settings: {json.dumps(results['settings'])}. "
              f"Run {results['date']}, {results['seconds']:.0f} s, load average {results['load']}.", "",
-             "Accuracy on the digits test split (360 images; one image = 0.28 points), mean over seeds "
-             f"{results['seeds']}:", "",
+             "Accuracy on the digits test split (360 images; one image = 0.28 points), mean ± standard deviation over "
+             f"seeds {results['seeds']}; distilled - scratch is the mean ± sd of the per-seed differences"
+             + (", with each seed's paired 95% interval over the test rows where recorded" if any(
+                 x.get("gain") for r in results["models"].values() for x in r["seeds"]) else "") + ":", "",
              "| model | student | T / alpha / mixup | params teacher / student | teacher | distilled | scratch | distilled - scratch | distilled >= scratch |",
              "|---|---|---|---|---|---|---|---|---|"]
+    import statistics
+
+    def ms(xs):
+        return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
     for m, r in results["models"].items():
         rows = r["seeds"]
-        mean = {k: sum(x[k] for x in rows) / len(rows) for k in ("teacher_accuracy", "distilled_accuracy", "scratch_accuracy")}
-        gain = 100 * (mean["distilled_accuracy"] - mean["scratch_accuracy"])
+        stats = {k: ms([x[k] for x in rows]) for k in ("teacher_accuracy", "distilled_accuracy", "scratch_accuracy")}
+        gains = ms([100 * (x["distilled_accuracy"] - x["scratch_accuracy"]) for x in rows])
+        cis = "; ".join(f"[{x['gain']['ci_pt'][0]:+.2f}, {x['gain']['ci_pt'][1]:+.2f}]" for x in rows if x.get("gain"))
+        cell = lambda k: f"{stats[k][0]:.4f} ± {stats[k][1]:.4f}"  # noqa: E731
         lines.append(f"| {m} | {rows[0]['student_model']} | {rows[0]['temperature']:g} / {rows[0]['alpha']:g} / {rows[0]['mixup']:g} | "
                      f"{rows[0]['teacher_params']:,} / {rows[0]['student_params']:,} | "
-                     f"{mean['teacher_accuracy']:.4f} | {mean['distilled_accuracy']:.4f} | {mean['scratch_accuracy']:.4f} | "
-                     f"{gain:+.2f} pt | {'yes' if gain >= 0 else 'no'} |")
+                     f"{cell('teacher_accuracy')} | {cell('distilled_accuracy')} | {cell('scratch_accuracy')} | "
+                     f"{gains[0]:+.2f} ± {gains[1]:.2f} pt{' ' + cis if cis else ''} | {'yes' if gains[0] >= 0 else 'no'} |")
     if any("speed" in r for r in results["models"].values()):
         lines += ["", "Speed (seed 0, p50 from the select stage's interleaved timing; a student variant counts only "
                   "if it is eligible for `selected`: within 1.5 points of the teacher and passing its own checks):", "",
@@ -123,6 +134,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import os
 
+    if args.render_only:
+        results = json.loads(args.out.read_text())
+        text = markdown(results, results.get("command", "python benchmarks/distill.py --write"))
+        print(text)
+        if args.write:
+            write_section("distill", text, args.markdown)
+        return 0
+
     import onnxpipe.models  # noqa: F401
     t0 = time.monotonic()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -138,8 +157,9 @@ def main(argv=None) -> int:
     results["load"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     from onnxpipe.atomic import write_json
 
-    write_json(args.out, results)
     command = "python benchmarks/distill.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    results["command"] = command.strip()
+    write_json(args.out, results)
     text = markdown(results, command.strip())
     print(text)
     if args.write:

@@ -183,6 +183,10 @@ class ModelSpec:
         values.update(overrides or {})
         return replace_config(self.config_cls(), values)
 
+    def config_fields(self) -> tuple[str, ...]:
+        """The names of the config's fields."""
+        return tuple(f.name for f in dataclasses.fields(self.config_cls))
+
     def config_from(self, values: dict[str, Any]):
         """The config dataclass from recorded values (a manifest's model_config, a checkpoint's config)."""
         return replace_config(self.config_cls(), values)

@@ -23,6 +23,10 @@ class TransformerConfig:
     max_len: int = 512
     num_classes: int = 10
     dropout: float = 0.1
+    # A structurally pruned model: heads and FFN width per layer (empty: `heads` / `ff` everywhere); the
+    # width of one head stays d_model // heads.
+    layer_heads: tuple[int, ...] = ()
+    layer_ff: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.d_model % self.heads:
@@ -32,30 +36,47 @@ class TransformerConfig:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.seq_len > self.max_len:
             raise ValueError(f"seq_len ({self.seq_len}) exceeds max_len ({self.max_len})")
+        for k in ("layer_heads", "layer_ff"):
+            values = tuple(int(v) for v in getattr(self, k))     # JSON gives lists
+            object.__setattr__(self, k, values)
+            if values and (len(values) != self.layers or min(values) < 1):
+                raise ValueError(f"{k} needs one value >= 1 per layer ({self.layers}), got {list(values)}")
 
     def input_shape(self) -> tuple[int, ...]:
         return (self.seq_len,) if self.vocab_size else (self.seq_len, self.input_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
+
+    def heads_of(self, layer: int) -> int:
+        return self.layer_heads[layer] if self.layer_heads else self.heads
+
+    def ff_of(self, layer: int) -> int:
+        return self.layer_ff[layer] if self.layer_ff else self.ff
 
 
 class EncoderBlock(nn.Module):
     """Pre-norm block: x + MHSA(LN(x)), then x + FFN(LN(x)). Attention is F.scaled_dot_product_attention."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, layer: int = 0):
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.head_dim = cfg.heads_of(layer), cfg.head_dim
+        self.inner = self.heads * self.head_dim                           # d_model unless heads were pruned
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * self.inner)
+        self.proj = nn.Linear(self.inner, cfg.d_model)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ff = nn.Sequential(nn.Linear(cfg.d_model, cfg.ff), nn.GELU(), nn.Linear(cfg.ff, cfg.d_model))
+        ff = cfg.ff_of(layer)
+        self.ff = nn.Sequential(nn.Linear(cfg.d_model, ff), nn.GELU(), nn.Linear(ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(C, dim=-1)                  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, h, T, c)
+        q, k, v = self.qkv(self.ln1(x)).split(self.inner, dim=-1)         # 3 x (B, T, h*c)
+        q, k, v = (t.view(B, T, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, h, T, c)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, T, c)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.inner)
         x = x + self.drop(self.proj(y))
         return x + self.drop(self.ff(self.ln2(x)))
 
@@ -69,7 +90,7 @@ class TransformerClassifier(nn.Module):
         else:
             self.embed = nn.Linear(cfg.input_size, cfg.d_model)
         self.register_buffer("pos", _sinusoid(cfg.max_len, cfg.d_model), persistent=False)
-        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(EncoderBlock(cfg, i) for i in range(cfg.layers))
         self.ln = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.num_classes)
 

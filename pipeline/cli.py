@@ -15,7 +15,8 @@ import typer
 
 from .serving.config import ServeConfig, TritonConfig, TuneConfig
 from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig, PackageConfig,
-                             QuantizeConfig, SelectConfig, TrainConfig, VerifyConfig, help_of)
+                             PruneConfig, QuantizeConfig, SelectConfig, TrainConfig, TransferConfig, VerifyConfig,
+                             help_of)
 
 app = typer.Typer(
     help="Carry PyTorch models to verified, compressed ONNX Runtime deployments.\n\n"
@@ -31,11 +32,15 @@ RunArg = Annotated[Path, typer.Argument(help="Run folder, e.g. exports/cnn (made
 DataOpt = Annotated[str, typer.Option("--data", help="digits (bundled, default), mnist:DIR (IDX files) or npz:FILE (arrays x, y).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a model config field, e.g. --set d_model=256 (repeatable).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON or TOML file with sections [model], [train], "
-                                                   "[export], [optimize], [quantize], [distill], [verify], [select], "
-                                                   "[bench], [explain], [package]; flags override it.")]
+                                                   "[export], [optimize], [quantize], [distill], [prune], [transfer], "
+                                                   "[verify], [select], [bench], [explain], [package]; flags override it.")]
 SizeOpt = Annotated[Optional[str], typer.Option("--size", help="Model size preset: default or base (bigger, for compression experiments).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the data split, initialization and batch order.")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use a seeded subset of N training samples (quick experiments).", min=1)]
+ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Keep only these labels of the data, relabelled "
+                                                   "0..k-1 in this order, e.g. 0-4 or 5,7,9 (the model gets k classes).")]
+PerClassOpt = Annotated[Optional[int], typer.Option("--per-class", min=1, help="At most N labelled training (and "
+                                                    "validation) rows per class; the test split stays whole.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or stage lines.")]
 VariantOpt = Annotated[Optional[str], typer.Option("--variant", help="Variant to use (default: the run's selected one).")]
 
@@ -120,6 +125,8 @@ def run_cmd(
     config: ConfigOpt = None,
     seed: SeedOpt = 0,
     limit: LimitOpt = None,
+    classes: ClassesOpt = None,
+    per_class: PerClassOpt = None,
     stages: Annotated[Optional[str], typer.Option("--stages", help="Comma-separated subset of stages to run, in pipeline order.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing run folders.")] = False,
     no_train: Annotated[bool, typer.Option("--no-train", help="Skip training: export the model as its factory "
@@ -133,6 +140,7 @@ def run_cmd(
 
     from .console import print_summary
     from .core.byo import model_folder
+    from .core.data import parse_classes
     from .errors import ConfigError
     from .orchestrate import Context, parse_stages, run_model
     from .stages.configs import parse_sets, read_config_file
@@ -147,6 +155,7 @@ def run_cmd(
     runs = []
     for name in names:
         ctx = Context(data=data, seed=seed, limit=limit, progress=not quiet, train=not no_train, weights=weights,
+                      classes=parse_classes(classes), per_class=per_class,
                       sections={k: v for k, v in file_cfg.items() if k != "model"}, flags={"train": {"epochs": epochs}})
         runs.append(run_model(name, out / model_folder(name), ctx, overrides=overrides, size=size, force=force,
                               stages=wanted, on_stage=_stage_line(quiet)))
@@ -174,6 +183,8 @@ def train_cmd(
     config: ConfigOpt = None,
     seed: SeedOpt = 0,
     limit: LimitOpt = None,
+    classes: ClassesOpt = None,
+    per_class: PerClassOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes on this machine (DDP; "
@@ -183,6 +194,7 @@ def train_cmd(
 ) -> None:
     """Train MODEL and write variant `torch` (model.pt) into its run folder."""
     from .core.byo import model_folder
+    from .core.data import parse_classes
     from .orchestrate import prepare_run, warn_if_near_chance
     from .stages.configs import parse_sets, read_config_file
     from .stages.train import launch, train_config_for
@@ -193,7 +205,8 @@ def train_cmd(
 
     def prepare():
         return prepare_run(model, root, data=data, overrides={**file_cfg.get("model", {}), **parse_sets(set_)},
-                           size=size, seed=seed, limit=limit, force=force, resume=resume)
+                           size=size, seed=seed, limit=limit, force=force, resume=resume,
+                           classes=parse_classes(classes), per_class=per_class)
 
     def config_for(run):
         return train_config_for(run.spec, **{**file_cfg.get("train", {}), **flags})
@@ -330,7 +343,7 @@ def distill_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Distill a smaller student from the run's teacher, then export, optimize, quantize, verify and select as for the teacher."""
-    from .console import print_table
+    from .console import print_speedup, print_table
     from .orchestrate import stage_distill, stage_select, stage_verify
 
     run = _open(run_dir)
@@ -349,13 +362,106 @@ def distill_cmd(
         rows.append({"model": "same student from scratch", "params": d["student_params"], "accuracy": d["scratch_accuracy"]})
     print_table(rows, ["model", "params", "accuracy"],
                 title=f"distill: {run.root} (T={d['temperature']}, alpha={d['alpha']}, mixup={d['mixup']})")
-    sp = d.get("speedup", {}).get("64", {})
-    if sp.get("speedup"):
-        typer.echo(f"batch 64: {sp['student_best']} {sp['student_ms']:.3f} ms vs the teacher's fastest {sp['teacher_best']} "
-                   f"{sp['teacher_ms']:.3f} ms: {sp['speedup']:.2f}x")
-    else:
-        typer.echo("no student variant is within the budget against the teacher, so none can be selected")
-    typer.echo(f"selected: {run.selected}")
+    print_speedup(run, d.get("speedup"), "student", "the teacher's fastest", "the teacher")
+
+
+@app.command("prune")
+@user_errors
+def prune_cmd(
+    run_dir: RunArg,
+    ratio: Annotated[Optional[float], typer.Option("--ratio", help=help_of(PruneConfig, "ratio"))] = None,
+    target_params: Annotated[Optional[float], typer.Option("--target-params", help=help_of(PruneConfig, "target_params"))] = None,
+    target_flops: Annotated[Optional[float], typer.Option("--target-flops", help=help_of(PruneConfig, "target_flops"))] = None,
+    scope: Annotated[Optional[str], typer.Option("--scope", help=help_of(PruneConfig, "scope"))] = None,
+    importance: Annotated[Optional[str], typer.Option("--importance", help=help_of(PruneConfig, "importance"))] = None,
+    taylor_samples: Annotated[Optional[int], typer.Option("--taylor-samples", min=1, help=help_of(PruneConfig, "taylor_samples"))] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=0, help=help_of(PruneConfig, "epochs"))] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=help_of(PruneConfig, "lr"))] = None,
+    soft_targets: Annotated[Optional[bool], typer.Option("--soft-targets/--hard-labels", help=help_of(PruneConfig, "soft_targets"))] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help=help_of(PruneConfig, "temperature"))] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help=help_of(PruneConfig, "alpha"))] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help=help_of(PruneConfig, "max_accuracy_drop"))] = None,
+    seed: SeedOpt = 0,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help=help_of(PruneConfig, "resume"))] = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Structured pruning into a smaller dense model, fine-tuned, then exported, optimized, quantized, verified and selected as for the teacher."""
+    from .console import print_pruning
+    from .orchestrate import stage_prune, stage_select, stage_verify
+
+    run = _open(run_dir)
+    ctx = _ctx(config, seed=seed, progress=not quiet, prune={
+        "ratio": ratio, "target_params": target_params, "target_flops": target_flops, "scope": scope,
+        "importance": importance, "taylor_samples": taylor_samples, "epochs": epochs, "lr": lr, "soft_targets": soft_targets,
+        "temperature": temperature, "alpha": alpha, "max_accuracy_drop": max_drop, "resume": resume})
+    for step in (stage_prune, stage_verify, stage_select):
+        step(run, ctx)
+    print_pruning(run)
+
+
+@app.command("transfer")
+@user_errors
+def transfer_cmd(
+    run_dir: RunArg,
+    data: Annotated[str, typer.Option("--data", help="The new data: digits, mnist:DIR or npz:FILE (scaled with the "
+                                      "source run's normalization).")],
+    classes: ClassesOpt = None,
+    per_class: PerClassOpt = None,
+    freeze: Annotated[Optional[str], typer.Option("--freeze", help=help_of(TransferConfig, "freeze"))] = None,
+    head: Annotated[Optional[str], typer.Option("--head", help=help_of(TransferConfig, "head"))] = None,
+    out: Annotated[Optional[Path], typer.Option("--run", help="The new run folder (default: RUN-transfer beside RUN).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help=help_of(TransferConfig, "epochs"))] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=help_of(TransferConfig, "lr"))] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", min=1, help=help_of(TransferConfig, "patience"))] = None,
+    scratch: Annotated[Optional[bool], typer.Option("--scratch/--no-scratch", help=help_of(TransferConfig, "scratch_baseline"))] = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help="Stages to run on the new run folder afterwards: "
+                                                  "'all' (every stage but train) or a list, e.g. export,optimize,quantize,verify,select.")] = None,
+    seed: SeedOpt = 0,
+    limit: LimitOpt = None,
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a run's model on new data (head replaced or kept, layers frozen) into a new run folder, beside a from-scratch twin."""
+    from .console import print_summary, print_transfer
+    from .core.data import parse_classes
+    from .orchestrate import STAGE_NAMES, parse_stages, transfer_run
+
+    wanted = None
+    if stages:
+        wanted = [n for n in STAGE_NAMES if n != "train"] if stages.strip() == "all" else parse_stages(stages)
+    ctx = _ctx(config, seed=seed, progress=not quiet, transfer={"freeze": freeze, "head": head, "epochs": epochs,
+                                                                 "lr": lr, "patience": patience,
+                                                                 "scratch_baseline": scratch})
+    ctx.data, ctx.limit, ctx.classes, ctx.per_class = data, limit, parse_classes(classes), per_class
+    root = out or run_dir.parent / f"{run_dir.name}-transfer"
+    run = transfer_run(run_dir, root, ctx, force=force, stages=wanted, on_stage=_stage_line(quiet))
+    print_transfer(run)
+    if wanted:
+        print_summary(run)
+
+
+@app.command("compare")
+@user_errors
+def compare_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run folders, e.g. exports/cnn exports/cnn-b.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for compare.md, compare.html and compare_files/.")] = Path("exports/compare"),
+    batch: Annotated[Optional[str], typer.Option("--batch", help="Batch sizes to plot (default: every one timed).")] = None,
+    measure: Annotated[bool, typer.Option("--measure/--recorded", help="Time every ONNX variant of every run here, "
+                                          "interleaved in one process (comparable ratios), instead of reading the "
+                                          "timings each run recorded (measured at other times).")] = False,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="With --measure: timed rounds per batch size.")] = 20,
+) -> None:
+    """One table and an accuracy-vs-latency plot (Pareto front marked) across several run folders."""
+    from .console import print_table
+    from .stages.compare import compare
+    from .stages.configs import parse_int_list
+
+    runs_open = [_open(d) for d in run_dirs]
+    result = compare(runs_open, out, batches=parse_int_list(batch, "--batch"), measure=measure, rounds=runs)
+    print_table(result.rows, result.columns, title=f"compare ({result.timing})")
+    typer.echo(f"compare: {result.markdown} (and {result.html.name}, {result.png.name})")
 
 
 @app.command("select")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import sys
 
-LEFT = ("model", "variant", "parent", "parity", "stage", "reference", "candidate", "rule", "status", "note", "passed")
+LEFT = ("model", "variant", "parent", "parity", "stage", "reference", "candidate", "rule", "status", "note", "passed",
+        "layer", "kind", "drop 95% CI, McNemar")
 
 
 def print_table(rows: list[dict], columns: list[str], title: str | None = None) -> None:
@@ -47,9 +48,71 @@ def print_summary(run) -> None:
 def print_parity(run, reports) -> None:
     rows = [{"reference": r.reference, "candidate": r.candidate, "rule": r.rule, "passed": r.verdict,
              "max_abs": f"{r.max_abs:.2e}", "agreement": r.agreement, "acc_drop_pt": r.accuracy_drop,
+             "drop 95% CI, McNemar": r.drop.words(signed=False) if r.drop is not None else None,
              "shapes": len({tuple(c.shape) for c in r.checks})} for r in reports]
-    print_table(rows, ["reference", "candidate", "rule", "passed", "max_abs", "agreement", "acc_drop_pt", "shapes"],
-                title=f"parity: {run.root}")
+    print_table(rows, ["reference", "candidate", "rule", "passed", "max_abs", "agreement", "acc_drop_pt",
+                       "drop 95% CI, McNemar", "shapes"], title=f"parity: {run.root}")
+
+
+def print_pruning(run) -> None:
+    """What `onnxpipe prune` did: unpruned vs pruned, the plan, and the speedup of the fastest pruned variant."""
+    import typer
+
+    from .core.parity import delta_words
+
+    p = run.section("pruning")
+    ft = p.get("fine_tune") or {}
+    rows = [{"model": f"unpruned ({run.model_name})", "params": p["params_before"], "MFLOP/row": p["flops_before"] / 1e6,
+             "accuracy": p["teacher_accuracy"]},
+            {"model": "pruned, before fine-tuning", "params": p["params_after"], "MFLOP/row": p["flops_after"] / 1e6,
+             "accuracy": p["pruned_accuracy_before_fine_tune"]}]
+    if ft:
+        rows.append({"model": f"pruned, fine-tuned {ft['epochs_run']} epochs"
+                              + (" on soft targets" if ft.get("soft_targets") else ""),
+                     "params": p["params_after"], "MFLOP/row": p["flops_after"] / 1e6, "accuracy": p["pruned_accuracy"]})
+    print_table(rows, ["model", "params", "MFLOP/row", "accuracy"],
+                title=f"prune: {run.root} ({p['library']}, {p['importance']}, {p['scope']}, ratio {p['ratio']:.3f})")
+    typer.echo(f"drop vs unpruned: {delta_words(p.get('drop_vs_teacher'), signed=False)}")
+    plan = [{"layer": r["group"], "kind": r["kind"], "units": r.get("size", "-"), "kept": r.get("kept", "-"),
+             "pruned": len(r["pruned_units"])} for r in p["plan"]]
+    print_table(plan, ["layer", "kind", "units", "kept", "pruned"], title="pruning plan")
+    print_speedup(run, p.get("speedup"), "pruned", "the unpruned fastest", "the unpruned model")
+
+
+def print_speedup(run, speedup: dict | None, branch: str, fastest: str, reference: str) -> None:
+    """The batch-64 line of select.branch_speedup for `branch` (student, pruned), then the selected variant."""
+    import typer
+
+    sp = (speedup or {}).get("64", {})
+    if sp.get("speedup"):
+        typer.echo(f"batch 64: {sp[f'{branch}_best']} {sp[f'{branch}_ms']:.3f} ms vs {fastest} {sp['teacher_best']} "
+                   f"{sp['teacher_ms']:.3f} ms: {sp['speedup']:.2f}x")
+    else:
+        typer.echo(f"no {branch} variant is within the budget against {reference}, so none can be selected")
+    typer.echo(f"selected: {run.selected}")
+
+
+def print_transfer(run) -> None:
+    """What `onnxpipe transfer` did: the source, what was frozen, transferred vs scratch with the gain's interval."""
+    import typer
+
+    from .core.parity import delta_words
+
+    t = run.section("transfer")
+    src = t["source"]
+    rows = [{"model": f"transferred (freeze {t['freeze']}, head {t['head']})", "trainable params": t["trainable_params"],
+             "epochs": t["epochs_run"], "accuracy": t["transferred_accuracy"]}]
+    if "scratch_accuracy" in t:
+        rows.append({"model": "same architecture from scratch", "trainable params": t["trainable_params"] + t["frozen_params"],
+                     "epochs": t["scratch_epochs_run"], "accuracy": t["scratch_accuracy"]})
+    print_table(rows, ["model", "trainable params", "epochs", "accuracy"],
+                title=f"transfer: {src['run']} ({src['variant']}, sha256 {src['sha256'][:12]}...) -> {run.root} "
+                      f"({t['train_rows']} training rows)")
+    if t["frozen_layers"]:
+        typer.echo(f"frozen ({t['frozen_params']:,} params, unchanged after training): {', '.join(t['frozen_layers'])}")
+    if "gain_vs_scratch" in t:
+        typer.echo(f"transferred - scratch: {delta_words(t['gain_vs_scratch'])}")
+    typer.echo(f"new run folder: {run.root} (every stage applies: onnxpipe export {run.root}, ...)")
 
 
 def print_quantize(run, results, cfg) -> None:

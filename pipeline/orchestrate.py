@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .core.data import Dataset, load_dataset, reload_dataset
+from .core.data import Dataset, load_dataset, recorded_inputs, recorded_normalizations, reload_dataset
 from .core.policy import POLICY, entry_verdict, policy_for
 from .errors import ConfigError, DataError, RunFolderError
 from .runfolder import Run
 from .stages.configs import (BenchConfig, DistillConfig, ExplainConfig, ExportConfig, OptimizeConfig, PackageConfig,
-                             QuantizeConfig, SelectConfig, TrainConfig, VerifyConfig, build_config)
+                             PruneConfig, QuantizeConfig, SelectConfig, TrainConfig, TransferConfig, VerifyConfig,
+                             build_config)
 
 log = logging.getLogger("onnxpipe")
 
@@ -29,6 +30,8 @@ class Context:
     data: str = "digits"
     seed: int = 0
     limit: int | None = None
+    classes: tuple[int, ...] | None = None   # keep these source labels, relabelled 0..k-1 (--classes 0-4)
+    per_class: int | None = None             # at most N labelled train / validation rows per class
     progress: bool = True
     train: bool = True                 # False: no training; variant torch from `weights` or the model's own init
     weights: Path | None = None        # a state_dict file for variant torch (implies train=False)
@@ -58,7 +61,7 @@ def policy_defaults(run: Run, cls) -> dict:
     if policy is POLICY:
         return {}
     values = {"atol": policy.tensor.atol, "rtol": policy.tensor.rtol}
-    if cls is DistillConfig:
+    if cls in (DistillConfig, PruneConfig):   # selection gates against the teacher
         values["max_accuracy_drop"] = policy.student.max_accuracy_drop
     else:
         values.update(max_accuracy_drop=policy.lossy.max_accuracy_drop, min_agreement=policy.lossy.min_agreement)
@@ -67,9 +70,12 @@ def policy_defaults(run: Run, cls) -> dict:
 
 
 def prepare_run(model: str, root: Path, *, data: str = "digits", overrides: dict | None = None, size: str | None = None,
-                seed: int = 0, limit: int | None = None, force: bool = False, resume: bool = False) -> tuple[Run, Dataset]:
+                seed: int = 0, limit: int | None = None, force: bool = False, resume: bool = False,
+                classes: tuple[int, ...] | None = None, per_class: int | None = None) -> tuple[Run, Dataset]:
     """Open (resume) or create the run folder for `model` (a registered name or a user factory
-    "pkg.module:build" / "file.py:build"), with the data loaded and the config adapted to it."""
+    "pkg.module:build" / "file.py:build"), with the data loaded and the config adapted to it.
+
+    With `classes`, the model gets as many outputs as classes are kept, unless num_classes is set."""
     from .core.byo import resolve_model
 
     spec = resolve_model(model)
@@ -78,11 +84,15 @@ def prepare_run(model: str, root: Path, *, data: str = "digits", overrides: dict
         if run.model_name != spec.name:
             raise RunFolderError(f"{root} holds a {run.model_name!r} run, not {model!r}")
         return run, reload_dataset(run.dataset_info)
+    overrides = dict(overrides or {})
+    if classes and "num_classes" not in overrides and any(f == "num_classes" for f in spec.config_fields()):
+        overrides["num_classes"] = len(classes)
     try:
         cfg = spec.make_config(overrides, size)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
-    ds = load_dataset(data, spec.input_specs(cfg), num_classes=cfg.num_classes, seed=seed, limit=limit)
+    ds = load_dataset(data, spec.input_specs(cfg), num_classes=cfg.num_classes, seed=seed, limit=limit,
+                      classes=classes, per_class=per_class)
     try:
         cfg = spec.adapt_to_data(cfg, ds.sample_shapes)
     except ValueError as e:
@@ -153,6 +163,21 @@ def stage_distill(run: Run, ctx: Context) -> None:
     quantize(run, ctx.config(QuantizeConfig, "quantize", run), ds, source="student_onnx")
 
 
+def stage_prune(run: Run, ctx: Context) -> None:
+    """Prune the torch model, fine-tune it, then put it through the same export / optimize / quantize as the
+    teacher and the student (variants pruned, pruned_onnx, pruned_onnx_opt, pruned_int8_*, ...)."""
+    from .stages.export import export
+    from .stages.optimize import optimize
+    from .stages.prune import prune
+    from .stages.quantize import quantize
+
+    ds = ctx.data_for(run)
+    prune(run, ctx.config(PruneConfig, "prune", run, seed=ctx.seed), ds, progress=ctx.progress)
+    export(run, ctx.config(ExportConfig, "export", run), source="pruned", target="pruned_onnx")
+    optimize(run, ctx.config(OptimizeConfig, "optimize", run), source="pruned_onnx")
+    quantize(run, ctx.config(QuantizeConfig, "quantize", run), ds, source="pruned_onnx")
+
+
 def stage_verify(run: Run, ctx: Context) -> list:
     from .errors import ParityError
     from .stages.verify import failures, verify
@@ -169,10 +194,12 @@ def stage_select(run: Run, ctx: Context, log_line: Callable[[str], None] | None 
     from .stages.select import select
 
     select(run, ctx.config(SelectConfig, "select"), log_line=log_line)
-    if run.section("distillation"):  # the student's speedup over the teacher's fastest variant, as timed here
-        from .stages.distill import student_speedup
+    from .stages.select import branch_speedup
 
-        run.update_section("distillation", speedup=student_speedup(run))
+    # the student's and the pruned model's speedup over the teacher's fastest variant, as timed here
+    for branch, section in (("student", "distillation"), ("pruned", "pruning")):
+        if run.section(section) and run.has(branch):
+            run.update_section(section, speedup=branch_speedup(run, branch))
 
 
 def stage_bench(run: Run, ctx: Context, log_line: Callable[[str], None] | None = None) -> dict:
@@ -212,6 +239,7 @@ STAGES: list[tuple[str, StageFn]] = [
     ("optimize", stage_optimize),
     ("quantize", stage_quantize),
     ("distill", stage_distill),
+    ("prune", stage_prune),
     ("verify", stage_verify),
     ("select", stage_select),
     ("bench", stage_bench),
@@ -220,7 +248,7 @@ STAGES: list[tuple[str, StageFn]] = [
 ]
 STAGE_NAMES = [n for n, _ in STAGES]
 # Stages that need the PyTorch model, which an imported ONNX run does not have.
-TORCH_STAGES = ("train", "export", "distill", "explain")
+TORCH_STAGES = ("train", "export", "distill", "prune", "explain")
 
 
 def parse_stages(requested: str | None, *, imported: bool = False) -> list[str] | None:
@@ -249,7 +277,7 @@ def stages_for_import(requested: str) -> list[str]:
 def run_model(model: str, root: Path, ctx: Context, *, overrides: dict | None = None, size: str | None = None,
               force: bool = False, stages: list[str] | None = None, on_stage: Callable[[str, str], None] | None = None) -> Run:
     run, ds = prepare_run(model, root, data=ctx.data, overrides=overrides, size=size, seed=ctx.seed,
-                          limit=ctx.limit, force=force)
+                          limit=ctx.limit, force=force, classes=ctx.classes, per_class=ctx.per_class)
     ctx.dataset = ds
     return run_stages(run, ctx, stages, on_stage=on_stage)
 
@@ -269,6 +297,37 @@ def run_stages(run: Run, ctx: Context, stages: list[str] | None = None,
         fn(run, ctx)
         ctx.timings[name] = round(time.monotonic() - t0, 2)
     run.update_section("timings", **ctx.timings)
+    return run
+
+
+def transfer_run(source_root: Path, root: Path, ctx: Context, *, force: bool = False,
+                 stages: list[str] | None = None, on_stage: Callable[[str, str], None] | None = None) -> Run:
+    """`onnxpipe transfer`: the source run's model trained on ctx.data into a new run folder (keeping the
+    source's normalization), then the named stages on it (train excepted: the transfer is its training)."""
+    from .stages.transfer import transfer
+
+    source = Run.open(source_root)
+    if not source.has("torch") or source.artifact("torch").format != "torch":
+        raise RunFolderError(f"{source_root} has no torch variant to transfer from (an imported ONNX run cannot be "
+                             "trained further); train one with `onnxpipe train`")
+    cfg = ctx.config(TransferConfig, "transfer", seed=ctx.seed)
+    if stages and "train" in stages:
+        raise ConfigError("--stages train: the transfer trains the new run itself; name the stages after it "
+                          f"({', '.join(n for n in STAGE_NAMES if n != 'train')})")
+    src_data = source.dataset_info or {}
+    if not src_data:
+        raise RunFolderError(f"{source_root} records no data; transfer needs the source's inputs and normalization")
+    ds = load_dataset(ctx.data, recorded_inputs(src_data), num_classes=None, seed=ctx.seed, limit=ctx.limit,
+                      classes=ctx.classes, per_class=ctx.per_class, normalization=recorded_normalizations(src_data))
+    want = {r["name"]: tuple(r["sample_shape"]) for r in src_data.get("inputs", []) if r.get("sample_shape")} or \
+        {ds.x_train.names[0]: tuple(src_data.get("sample_shape", ds.sample_shape))}
+    got = {k: tuple(v) for k, v in ds.sample_shapes.items() if k in want}
+    if got != want:
+        raise DataError(f"the new data's samples are shaped {got} but the source model takes {want}")
+    run = transfer(source, root, cfg, ds, force=force, progress=ctx.progress)
+    ctx.dataset = ds
+    if stages:
+        run_stages(run, ctx, stages, on_stage=on_stage)
     return run
 
 

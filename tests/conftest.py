@@ -80,3 +80,18 @@ def copy_run_to():
 def copy_of(tiny_run, tmp_path):
     """copy_of(model) -> a private copy of the tiny run, safe to modify."""
     return lambda model: copy_run(tiny_run(model), tmp_path)
+
+
+USERS_MODELS = Path(__file__).parent / "users_models.py"
+
+
+@pytest.fixture
+def two_inputs(tmp_path):
+    """(factory reference prefix, npz data) for the two-input models of tests/users_models.py: the digits as
+    rows (N, 8, 8) and their means (N, 8). Use f"{prefix}:two_dense_inputs" or f"{prefix}:two_inputs"."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    np.savez(tmp_path / "two.npz", rows=d.images, aux=d.images.mean(1), y=d.target)
+    return str(USERS_MODELS), f"npz:{tmp_path / 'two.npz'}"

@@ -60,6 +60,51 @@ def test_distill_benchmark_smoke(tmp_path):
     assert text.count("<!-- distill:begin -->") == 1
 
 
+def test_prune_benchmark_smoke(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nHand-written notes stay.\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "prune.py"), "--runs", "gru:default", "--ratios", "0.5",
+           "--seeds", "0", "--limit", "200", "--epochs", "1", "--no-speed", "--out", str(tmp_path / "p.json"),
+           "--write", "--markdown", str(md)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads((tmp_path / "p.json").read_text())
+    case = res["cases"]["gru:default"]
+    s = case["summary"]
+    assert s["pruned ratio 0.5"]["params"] < s["unpruned"]["params"]
+    assert s["pruned at student params"]["params"] <= s["distilled student"]["params"]
+    assert case["latency"] == {}                      # --no-speed; the timing itself is checked below
+    text = md.read_text()
+    assert text.startswith("# Results\n\nHand-written notes stay.") and "| pruned ratio 0.5 |" in text
+    assert text.count("<!-- prune:begin -->") == 1 and "### Targets" in text
+
+
+def test_prune_benchmark_times_onnx_files_side_by_side(tiny_run):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import prune as bench_prune
+
+    from onnxpipe.models import get_model
+
+    onnx = str(tiny_run("cnn") / "model.onnx")
+    spec = get_model("cnn")
+    lat = bench_prune.timing({"a": onnx, "b": onnx}, 1, 2, spec, spec.make_config())
+    assert set(lat) == {"a", "b"} and all(set(v) == {"1", "64"} and v["64"] > v["1"] > 0 for v in lat.values())
+
+
+def test_transfer_benchmark_smoke(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "transfer.py"), "--shots", "5", "--seeds", "0", "--epochs", "1",
+           "--budget-epochs", "", "--limit", "200", "--source-epochs", "1", "--out", str(tmp_path / "t.json"), "--plot", str(tmp_path / "c.png"),
+           "--write", "--markdown", str(md)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads((tmp_path / "t.json").read_text())
+    cell = res["models"]["cnn"]["summary"]["5"]
+    assert set(cell) >= {"frozen", "fine-tuned", "scratch"} and 0 <= cell["scratch"]["mean"] <= 1
+    assert (tmp_path / "c.png").stat().st_size > 1000 and "![transfer curves](c.png)" in md.read_text()
+
+
 def test_edge_benchmark_smoke(tiny_run, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run("cnn"), runs / "cnn-default")          # reused: the script packages and measures it

@@ -152,3 +152,37 @@ def test_per_node_divergence_of_a_quantized_variant_is_measured_and_charted(copy
     page, md = write_report(run)
     assert f"{ASSETS}/divergence_int8_dynamic.png" in md.read_text()
     assert_png((run.root / ASSETS / "divergence_int8_dynamic.png").read_bytes())
+
+
+def test_the_report_leads_with_the_answer(reported, tmp_path):
+    """Before any detail: which variant, what it buys against torch at each benched batch and in size, what
+    it costs (the drop with its interval and McNemar p-value), and the runners-up."""
+    import numpy as np
+
+    from onnxpipe.core.parity import paired_delta
+
+    run = Run.open(shutil.copytree(reported[0].root, tmp_path / "run"))
+    right = np.arange(360) % 10 != 0                              # torch right on 90 % of 360 rows
+    cand = right.copy()
+    flip = [0, 10, 20, 30, 1, 2, 3, 4]                            # 8 rows differ: 4 only int8 gets, 4 only torch
+    cand[flip] = ~cand[flip]
+    u = paired_delta(right, cand)
+    with run.batch():
+        run.record_parity({"reference": "torch", "candidate": "int8_dynamic", "rule": "task", "passed": True,
+                           "max_abs": 0.4, "agreement": 0.98, "accuracy_drop": u.delta_pt, "shapes": [[360, 10]],
+                           "uncertainty": u.to_json()})
+        run.update_section("selection", ranking=["int8_dynamic", "onnx", "torch"])
+    _, md = write_report(run)
+    lead = md.read_text().split("\n## ")[0]                       # everything before the first section
+    lat = {v: {b: run.metrics(v)["bench"]["latency"]["1"][b]["p50_ms"] for b in ("1", "4")}
+           for v in ("torch", "int8_dynamic")}
+    speed = [lat["torch"][b] / lat["int8_dynamic"][b] for b in ("1", "4")]
+    size = run.artifact("int8_dynamic").bytes / run.artifact("torch").bytes
+    assert lead.count("**int8_dynamic** is the selected variant") == 1
+    for x, b in zip(speed, (1, 4)):
+        assert f"{x:.2f}x {'faster' if x >= 1 else 'as fast'} than torch at batch {b}" in lead
+    assert f"{size:.2f}x the size of torch" in lead
+    assert "accuracy cost: drop 0.00 pt [95% CI" in lead and "McNemar p=1: not distinguishable from 0" in lead
+    assert "Closest: onnx, torch." in lead
+    table = [line for line in lead.splitlines() if line.startswith("| int8_dynamic (selected) |")]
+    assert len(table) == 1 and f"| {speed[1]:.2f} |" in table[0] and f"| {size:.2f}x |" in table[0]

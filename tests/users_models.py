@@ -156,3 +156,23 @@ def two_inputs(hidden: int = 16, num_classes: int = 10) -> nn.Module:
     model.example_inputs = {"rows": torch.zeros(2, 8, 8), "aux": torch.zeros(2, 8)}
     model.dynamic_axes = {"rows": {0: "batch", 1: "seq_len"}, "aux": {0: "batch"}}
     return model
+
+
+class TwoDenseInputs(nn.Module):
+    """The same two inputs through dense layers only, concatenated: what Torch-Pruning's graph can prune."""
+
+    def __init__(self, hidden: int, num_classes: int):
+        super().__init__()
+        self.rows = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU())
+        self.aux = nn.Linear(8, hidden)
+        self.head = nn.Linear(2 * hidden, num_classes)
+
+    def forward(self, rows, aux):
+        return self.head(torch.cat([self.rows(rows), torch.relu(self.aux(aux))], dim=-1))
+
+
+def two_dense_inputs(hidden: int = 16, num_classes: int = 10) -> nn.Module:
+    model = TwoDenseInputs(hidden, num_classes)
+    model.example_inputs = {"rows": torch.zeros(2, 8, 8), "aux": torch.zeros(2, 8)}
+    return model
+

@@ -21,7 +21,14 @@ What a model gets is shaped by its inputs (ModelSpec.input_specs, pipeline/../mo
 Float inputs are scaled to [0, 1] (uint8 by 1/255, digits by 1/16) and standardized with the training
 split's mean and std (`normalize`, the one rule also used by `onnxpipe predict`); the split, the
 statistics, the inputs and a fingerprint of the source go into the manifest, and later stages reload
-exactly that data."""
+exactly that data.
+
+Options that shape the data (each recorded and replayed by `reload_dataset`):
+  classes     keep only these source labels, relabelled 0..k-1 in the order given (digits 0-4, then 5-9)
+  per_class   at most N labelled rows of each class in the training and validation splits (a few-shot
+              data set; the test split stays whole: it is the measurement)
+  normalization  use these statistics ({input name: {scale, mean, std}}) instead of the training split's
+              (a transferred model keeps the normalization its backbone was trained with)"""
 from __future__ import annotations
 
 import gzip
@@ -405,11 +412,42 @@ def stratified_split(y: np.ndarray, fractions: tuple[float, ...], seed: int) -> 
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
-def _fingerprint(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
+def parse_classes(text: str | None) -> tuple[int, ...] | None:
+    """'0-4' -> (0, 1, 2, 3, 4); '5,7,9' -> (5, 7, 9); None -> None."""
+    if text is None or isinstance(text, (tuple, list)):
+        return tuple(int(c) for c in text) if text is not None else None
+    out: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            lo, dash, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    except ValueError:
+        raise DataError(f"bad --classes {text!r}: expected labels such as 0-4 or 5,7,9") from None
+    if not out or len(set(out)) != len(out) or min(out) < 0:
+        raise DataError(f"bad --classes {text!r}: expected distinct labels >= 0, such as 0-4 or 5,7,9")
+    return tuple(out)
+
+
+def _select_classes(arrays: dict[str, np.ndarray], y: np.ndarray, classes: tuple[int, ...], where: str):
+    """Rows (of every array) whose label is in `classes`, relabelled to its position there."""
+    y = np.asarray(y)
+    present = set(np.unique(y).tolist())
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise DataError(f"{where}: --classes names label(s) {missing} that the data does not have "
+                        f"(it has {sorted(present)})")
+    keep = np.isin(y, classes)
+    lookup = {c: i for i, c in enumerate(classes)}
+    return {k: v[keep] for k, v in arrays.items()}, np.array([lookup[int(v)] for v in y[keep]], dtype=np.int64)
+
+
+def _per_class(arrays: dict[str, np.ndarray], y: np.ndarray, n: int, rng) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """At most n rows of each class (seeded), in their original order."""
+    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:n] for c in np.unique(y)]))
+    return {k: v[keep] for k, v in arrays.items()}, y[keep]
 
 
 def _fingerprint(*arrays: np.ndarray) -> str:
@@ -417,6 +455,25 @@ def _fingerprint(*arrays: np.ndarray) -> str:
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
+
+
+def recorded_inputs(info: dict) -> tuple:
+    """The model inputs (InputSpecs) a run's data record was shaped for."""
+    if info.get("inputs"):
+        from ..models import InputSpec
+
+        return tuple(InputSpec.from_json(r) for r in info["inputs"])
+    # a run folder written before the inputs were recorded
+    return family_inputs(info["family"], info.get("image_size") or 28, info.get("layout", "nchw"))
+
+
+def recorded_normalizations(info: dict) -> dict[str, dict]:
+    """{input name: {scale, mean, std}} of a run's data record (a record from before the inputs were recorded:
+    its one normalization, for its one input)."""
+    norms = {r["name"]: r["normalization"] for r in info.get("inputs") or [] if r.get("normalization")}
+    if not norms and info.get("normalization"):
+        norms = {recorded_inputs(info)[0].name: info["normalization"]}
+    return norms
 
 
 def family_inputs(family: str, image_size: int = 28, layout: str = "nchw") -> tuple:
@@ -436,15 +493,21 @@ def load_dataset(
     inputs: str | Sequence = "image",
     *,
     image_size: int = 28,
-    num_classes: int = 10,
+    num_classes: int | None = 10,
     seed: int = 0,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     limit: int | None = None,
     layout: str = "nchw",
+    classes: tuple[int, ...] | None = None,
+    per_class: int | None = None,
+    normalization: dict[str, dict] | None = None,
 ) -> Dataset:
     """Load `source`, shape it for the model's `inputs` (InputSpecs, or a family name for its default input),
-    split it (seeded, stratified) and normalize it."""
+    split it (seeded, stratified) and normalize it.
+
+    `num_classes=None`: as many as the labels say (the largest label + 1). `classes`, `per_class` and
+    `normalization`: see the module docstring."""
     if isinstance(inputs, str):
         if layout not in ("nchw", "nhwc") or (layout == "nhwc" and inputs != "image"):
             raise DataError(f"layout must be nchw or nhwc (images only), got {layout!r} for {inputs} data")
@@ -470,9 +533,18 @@ def load_dataset(
     for k, a in raw.items():
         if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
             raise DataError(f"{source}: {k} holds NaN or infinite values; clean the data first")
+    if classes:
+        classes = tuple(int(c) for c in classes)
+        raw, y = _select_classes(raw, y, classes, source)
+        if test_raw is not None:
+            test_raw, y_test = _select_classes(test_raw, y_test, classes, source + " (t10k)")
+    if per_class is not None and per_class < 1:
+        raise DataError(f"--per-class must be >= 1, got {per_class}")
     if len(y) == 0:
         raise DataError(f"{source} holds no samples; a run needs labelled samples for its train, validation and "
                         "test splits")
+    if num_classes is None:
+        num_classes = int(np.max(y)) + 1 if np.issubdtype(np.asarray(y).dtype, np.number) else 0
     y = _check_labels(y, num_classes, source)
     shaped = shape_for_model(source, raw, inputs, seed)
     if test_raw is None:
@@ -497,6 +569,10 @@ def load_dataset(
         tr, y_tr = sub(tr, y_tr, limit)
         va, y_va = sub(va, y_va, max(limit // 4, 1))
         te, y_te = sub(te, y_te, max(limit // 4, 1))
+    if per_class:  # the labelled rows there are; the test split stays whole
+        rng = np.random.default_rng(seed + 1)
+        tr, y_tr = _per_class(tr, y_tr, per_class, rng)
+        va, y_va = _per_class(va, y_va, per_class, rng)
 
     # Every stage needs train (calibration, training) and test rows (budgets); validation is training's own
     # need (early stopping), checked there, so a small data set can still be imported and judged.
@@ -515,6 +591,15 @@ def load_dataset(
             scale = source_scale(raw.get(spec.name, raw.get("x", tr[spec.name])), source)
             unit = tr[spec.name] * np.float32(scale)
             norm = {"scale": scale, "mean": float(unit.mean()), "std": float(unit.std()) or 1.0}
+            if normalization is not None:
+                given = normalization.get(spec.name)
+                if given is None:
+                    raise DataError(f"{source}: no normalization was given for input {spec.name!r} (given: "
+                                    f"{', '.join(normalization) or 'none'}); the inputs must match the source run's")
+                if abs(float(given["scale"]) - scale) > 1e-12 * max(1.0, abs(scale)):
+                    raise DataError(f"{source}: its pixel scale {scale:g} differs from the normalization given "
+                                    f"(scale {given['scale']}); the two data sets must share units")
+                norm = {k: float(given[k]) for k in ("scale", "mean", "std")}
             for split in (tr, va, te):
                 split[spec.name] = normalize(split[spec.name], norm).astype(NP_DTYPES[spec.dtype])
             rec["normalization"] = norm
@@ -539,6 +624,12 @@ def load_dataset(
         "layout": first.layout or "nchw",
         "inputs": records,
     }
+    if classes:
+        info["classes"] = list(classes)
+    if per_class:
+        info["per_class"] = per_class
+    if normalization is not None:
+        info["normalization_given"] = True
     return Dataset(Rows(tr), y_tr, Rows(va), y_va, Rows(te), y_te, info)
 
 
@@ -547,14 +638,10 @@ def reload_dataset(info: dict) -> Dataset:
     if not info:
         raise DataError("this run has no data: it was imported without --data; import it again with "
                         "--data digits, mnist:DIR or npz:FILE")
-    if info.get("inputs"):
-        from ..models import InputSpec
-
-        inputs = tuple(InputSpec.from_json(r) for r in info["inputs"])
-    else:  # a run folder written before the inputs were recorded
-        inputs = family_inputs(info["family"], info.get("image_size") or 28, info.get("layout", "nchw"))
-    ds = load_dataset(info["source"], inputs, num_classes=info["num_classes"], seed=info["seed"],
-                      val_fraction=info["val_fraction"], test_fraction=info["test_fraction"], limit=info.get("limit"))
+    ds = load_dataset(info["source"], recorded_inputs(info), num_classes=info["num_classes"], seed=info["seed"],
+                      val_fraction=info["val_fraction"], test_fraction=info["test_fraction"], limit=info.get("limit"),
+                      classes=tuple(info["classes"]) if info.get("classes") else None, per_class=info.get("per_class"),
+                      normalization=recorded_normalizations(info) if info.get("normalization_given") else None)
     if ds.info["fingerprint"] != info["fingerprint"]:
         raise DataError(
             f"the data at {info['source']} changed since this run was made "

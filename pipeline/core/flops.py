@@ -242,3 +242,32 @@ def count_variant_flops(run, variant: str) -> FlopCount | None:
         variant = exported[0]
     spec, cfg = run.spec_of(variant), run.model_config_of(variant)
     return count_flops(run.path(variant), [t.numpy() for t in spec.example_inputs(cfg, batch=1).values()])
+
+
+def torch_flops(module, inputs) -> float:
+    """FLOPs per row of a torch module (2 per multiply-accumulate), counted the way `count_flops` counts the
+    exported graph: a copy of the module runs on the meta device (no arithmetic, no memory) under torch's
+    FlopCounterMode, where RNNs and scaled_dot_product_attention decompose into the matmuls it counts (on the
+    CPU they are single kernels it does not see). `inputs`: example tensors of any batch size by input name
+    (ModelSpec.example_inputs), passed as every stage passes them (models.call_model).
+
+    A forward that reads values from its inputs (`.item()`, as Hugging Face's attention masks do) cannot run
+    on the meta device; it is counted running on the CPU instead (its fused kernels, if any, then count as
+    what FlopCounterMode sees of them)."""
+    import copy
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..models import call_model
+
+    rows = max(int(next(iter(inputs.values())).shape[0]), 1)
+    try:
+        meta = copy.deepcopy(module).to("meta").eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call_model(meta, {k: t.to("meta") for k, t in inputs.items()})
+    except (RuntimeError, NotImplementedError):   # data-dependent: "cannot be called on meta tensors"
+        cpu = copy.deepcopy(module).to("cpu").eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call_model(cpu, {k: t.to("cpu") for k, t in inputs.items()})
+    return float(counter.get_total_flops()) / rows

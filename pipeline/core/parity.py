@@ -3,14 +3,108 @@
 Two rules (the numbers live in pipeline/core/policy.py):
   tensor  lossless steps: every element within atol + rtol*|ref|, over a grid of input shapes
   task    lossy steps: top-1 agreement and accuracy drop on held-out data, tensor stats beside them
+
+Every accuracy delta between two models scored on the same test rows (a lossy variant's drop, a distilled,
+pruned or transferred model's gain over its twin) carries its uncertainty (`paired_delta`): a seeded paired
+bootstrap interval over the rows and the exact McNemar test on the rows where the two disagree about
+correctness. These are information beside the budget; the budget keeps deciding.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .policy import Budget, verdict_word
+from .policy import NOT_DISTINGUISHABLE, POLICY, Budget, Uncertainty, verdict_word
+
+
+# --- uncertainty of an accuracy delta --------------------------------------------------------------------
+
+def mcnemar_exact(a_only: int, b_only: int) -> float:
+    """Two-sided exact McNemar p-value: under "no difference" each of the n = a_only + b_only discordant rows
+    goes either way with probability 1/2, so p = min(1, 2 * P[Binomial(n, 1/2) <= min(a_only, b_only)])."""
+    n, k = int(a_only) + int(b_only), min(int(a_only), int(b_only))
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def bootstrap_interval(a_only: int, b_only: int, n: int, *, confidence: float, resamples: int,
+                       seed: int) -> tuple[float, float]:
+    """Percentile interval (points) of accuracy(a) - accuracy(b) under the paired bootstrap over n test rows.
+
+    Resampling rows with replacement only changes how many rows of each kind are drawn (a right and b wrong:
+    +1, the reverse: -1, the rest: 0), so the resampled counts are drawn as one multinomial per resample:
+    the same distribution as resampling row indices, at a fraction of the cost."""
+    if n <= 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    rest = n - a_only - b_only
+    counts = rng.multinomial(n, [a_only / n, b_only / n, rest / n], size=resamples)
+    deltas = 100.0 * (counts[:, 0] - counts[:, 1]) / n
+    alpha = 1.0 - confidence
+    lo, hi = np.percentile(deltas, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """accuracy(a) - accuracy(b) in points on the same test rows, with its interval and McNemar p-value."""
+
+    delta_pt: float
+    low_pt: float
+    high_pt: float
+    a_only: int          # rows a gets right and b gets wrong
+    b_only: int          # rows b gets right and a gets wrong
+    rows: int
+    p_value: float
+    confidence: float = 0.95
+    resamples: int = 0
+    seed: int = 0
+
+    @property
+    def distinguishable(self) -> bool:
+        """Whether the delta is told apart from 0: the interval excludes 0 and McNemar rejects "no difference"
+        at the same level (both must agree)."""
+        return not (self.low_pt <= 0.0 <= self.high_pt) and self.p_value < 1.0 - self.confidence
+
+    def words(self, signed: bool = True) -> str:
+        """e.g. '+0.28 pt [95% CI -0.56, +1.11], McNemar p=0.69: not distinguishable from 0'."""
+        f = "+.2f" if signed else ".2f"
+        text = (f"{self.delta_pt:{f}} pt [{100 * self.confidence:.0f}% CI {self.low_pt:{f}}, {self.high_pt:{f}}], "
+                f"McNemar p={self.p_value:.2g}")
+        return text + ("" if self.distinguishable else f": {NOT_DISTINGUISHABLE}")
+
+    def to_json(self) -> dict:
+        return {"delta_pt": self.delta_pt, "ci_pt": [self.low_pt, self.high_pt], "confidence": self.confidence,
+                "a_only": self.a_only, "b_only": self.b_only, "rows": self.rows, "mcnemar_p": self.p_value,
+                "resamples": self.resamples, "seed": self.seed, "distinguishable": self.distinguishable}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Delta":
+        lo, hi = d["ci_pt"]
+        return cls(d["delta_pt"], lo, hi, d["a_only"], d["b_only"], d["rows"], d["mcnemar_p"],
+                   d.get("confidence", 0.95), d.get("resamples", 0), d.get("seed", 0))
+
+
+def paired_delta(a_correct, b_correct, settings: Uncertainty | None = None) -> Delta:
+    """accuracy(a) - accuracy(b) in points, from per-row correctness (booleans, the same test rows in order)."""
+    settings = settings or POLICY.uncertainty
+    a, b = np.asarray(a_correct, bool), np.asarray(b_correct, bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_delta needs two per-row vectors of one length, got {a.shape} and {b.shape}")
+    n = len(a)
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    lo, hi = bootstrap_interval(a_only, b_only, n, confidence=settings.confidence, resamples=settings.resamples,
+                                seed=settings.seed)
+    return Delta(100.0 * (a_only - b_only) / max(n, 1), lo, hi, a_only, b_only, n, mcnemar_exact(a_only, b_only),
+                 settings.confidence, settings.resamples, settings.seed)
+
+
+def delta_words(entry: dict | None, signed: bool = True) -> str:
+    """A recorded delta (Delta.to_json, e.g. a parity entry's "uncertainty") in words; '-' when absent."""
+    return "-" if not entry else Delta.from_json(entry).words(signed)
 
 
 @dataclass
@@ -48,6 +142,8 @@ class ParityReport:
     # keeps the variant out of selection but is not a broken artifact, so it does not fail `verify`.
     gate: bool = False
     notes: list[str] = field(default_factory=list)
+    # task rule: the drop's uncertainty (a = reference, b = candidate), information beside the budget
+    drop: Delta | None = None
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -94,6 +190,8 @@ class ParityReport:
         if self.accuracy_drop is not None:
             op = "<=" if self.accuracy_drop <= (self.max_accuracy_drop or 0) + 1e-9 else ">"
             parts.append(f"accuracy drop {self.accuracy_drop:.2f} pt {op} {self.max_accuracy_drop} pt")
+        if self.drop is not None:
+            parts.append(f"(drop {self.drop.words(signed=False)})")
         return ("within budget: " if self else "over budget: ") + ", ".join(parts)
 
     def summary(self) -> str:
@@ -112,6 +210,8 @@ class ParityReport:
                 f"{self.candidate_accuracy:.4f} (drop {self.accuracy_drop:.2f} pt, budget {self.max_accuracy_drop} pt); "
                 f"logits max abs {self.max_abs:.3g}, cosine {self.cosine:.5f}"
             )
+            if self.drop is not None:
+                lines.append(f"  drop {self.drop.words(signed=False)}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -128,6 +228,8 @@ class ParityReport:
                      candidate_accuracy=self.candidate_accuracy, accuracy_drop=self.accuracy_drop,
                      max_accuracy_drop=self.max_accuracy_drop, min_agreement=self.min_agreement, cosine=self.cosine,
                      gate=self.gate)
+            if self.drop is not None:
+                d["uncertainty"] = self.drop.to_json()
         d["shapes"] = [list(s) for s in d["shapes"]]
         if self.notes:
             d["notes"] = self.notes
@@ -217,12 +319,14 @@ def task_parity(reference: str, candidate: str, ref_logits: np.ndarray, cand_log
     num = (ref_logits * cand_logits).sum(1)
     den = np.linalg.norm(ref_logits, axis=1) * np.linalg.norm(cand_logits, axis=1)
     cosine = float(np.mean(num / np.maximum(den, 1e-12)))
+    ref_right, cand_right = ref_logits.argmax(1) == labels, cand_logits.argmax(1) == labels
     return ParityReport(
         reference, candidate, "task", checks=[check],
         agreement=float((ref_logits.argmax(1) == cand_logits.argmax(1)).mean()),
-        reference_accuracy=float((ref_logits.argmax(1) == labels).mean()),
-        candidate_accuracy=float((cand_logits.argmax(1) == labels).mean()),
+        reference_accuracy=float(ref_right.mean()),
+        candidate_accuracy=float(cand_right.mean()),
         max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, cosine=cosine,
+        drop=paired_delta(ref_right, cand_right),
     )
 
 

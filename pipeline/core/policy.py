@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 
 PASS, OVER_BUDGET, FAIL = "pass", "over budget", "FAIL"
+# An accuracy delta whose interval holds 0 (or whose McNemar test cannot reject "no difference").
+NOT_DISTINGUISHABLE = "not distinguishable from 0"
 
 
 def verdict_word(passed: bool, gate: bool = False) -> str:
@@ -76,6 +78,21 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Uncertainty:
+    """How an accuracy delta's uncertainty is reported (information beside the budget, never a gate): a
+    paired bootstrap interval over the test rows (seeded, so the same rows give the same interval) and the
+    exact McNemar test on the rows where the two models disagree about correctness."""
+
+    confidence: float = 0.95
+    resamples: int = 10_000
+    seed: int = 0
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 - self.confidence
+
+
+@dataclass(frozen=True)
 class ParityPolicy:
     tensor: Tolerance = field(default_factory=Tolerance)
     lossy: Budget = field(default_factory=Budget)                               # INT8 / FP16 vs their parent
@@ -83,6 +100,7 @@ class ParityPolicy:
     batches: tuple[int, ...] = (1, 7, 64)      # the shape grid's batch sizes (sequence lengths: 1, T, 2T)
     reference_rows: int = 128                  # test rows in reference.npz, replayed by the serving self-test
     chance_margin_pt: float = 5.0              # a root within this many points of chance accuracy is warned about
+    uncertainty: Uncertainty = field(default_factory=Uncertainty)
 
     def with_overrides(self, overrides: dict | None) -> "ParityPolicy":
         """This policy with a model's own settings: atol, rtol, max_accuracy_drop, min_agreement,

@@ -39,13 +39,19 @@ def load_checkpoint_file(path: Path, what: str = "checkpoint") -> dict:
     return obj
 
 
-def save_weights(path: Path, model_name: str, cfg, state_dict: dict) -> None:
-    """model.pt: the network's name, its config as plain data and its state_dict (loads with weights_only)."""
+def save_weights(path: Path, model_name: str, cfg, state_dict: dict, *, pruning_history: list | None = None) -> None:
+    """model.pt: the network's name, its config as plain data and its state_dict (loads with weights_only).
+
+    `pruning_history`: a Torch-Pruning history (plain data) that turns the network the config builds into
+    this one (a pruned model of a user's factory); load_torch_variant replays it before loading."""
     import torch
 
     state_dict = {k: v.detach().cpu() for k, v in state_dict.items()}  # loads on machines without the training device
+    record = {"model": model_name, "config": asdict(cfg), "state_dict": state_dict}
+    if pruning_history is not None:
+        record["pruning_history"] = pruning_history
     with atomic_path(path) as tmp:
-        torch.save({"model": model_name, "config": asdict(cfg), "state_dict": state_dict}, tmp)
+        torch.save(record, tmp)
 
 
 def load_torch_variant(run: Run, variant: str = "torch"):
@@ -66,6 +72,10 @@ def load_torch_variant(run: Run, variant: str = "torch"):
                             f"{spec.name!r}; the run folder is inconsistent: re-run the stage that wrote it")
     cfg = spec.config_from(ck["config"])
     model = spec.build(cfg)
+    if ck.get("pruning_history") is not None:  # a pruned model of a user's factory: redo the pruning, then load
+        from .pruning import replay
+
+        replay(model, spec.example_inputs(cfg, batch=2), ck["pruning_history"])
     try:
         model.load_state_dict(ck["state_dict"])
     except RuntimeError as e:

@@ -252,6 +252,122 @@ class DistillConfig:
         return Budget(self.max_accuracy_drop, POLICY.student.min_agreement, gate=True)
 
 
+# --- prune / transfer -----------------------------------------------------------------------------------
+
+PRUNE_SCOPES = ("layer", "global")
+IMPORTANCES = ("l1", "taylor")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float | None = setting(None, "Fraction of every prunable width to remove (0-1): conv channels, RNN hidden "
+                                        "units, attention heads, FFN units, dense units. Default 0.5 unless a target "
+                                        "is given.")
+    target_params: float | None = setting(None, "Prune until the parameters are at most this: a fraction of the "
+                                                "unpruned model's (< 1) or a count (>= 1).")
+    target_flops: float | None = setting(None, "Prune until the FLOPs per row are at most this: a fraction of the "
+                                               "unpruned model's (< 1) or a count (>= 1).")
+    scope: str = setting("layer", "layer: every layer loses the same fraction; global: units of one kind compete "
+                                  "across layers (importance normalized per layer), so weaker layers lose more.")
+    importance: str = setting("l1", "l1 (weight magnitude of each unit) or taylor (|weight x gradient| on "
+                                    "training rows).")
+    taylor_samples: int = setting(256, "Taylor: training rows whose loss gradient scores the units.")
+    epochs: int | None = setting(None, "Fine-tuning epochs after pruning (default: the model's tuned training "
+                                       "epochs, as a distilled student gets; 0: no fine-tuning).")
+    lr: float | None = setting(None, "Fine-tuning learning rate (default: the model's tuned setting).")
+    soft_targets: bool = setting(True, "Fine-tune on the unpruned teacher's soft targets (prune + distill); "
+                                       "off: hard labels only.")
+    temperature: float | None = setting(None, "Soft targets: softmax temperature (default: the model's "
+                                              "distill_defaults, as for distill).")
+    alpha: float | None = setting(None, "Soft targets: weight of the soft-target loss (default: the model's "
+                                        "distill_defaults).")
+    seed: int = setting(0, "Seed of the fine-tuning batch order and of the Taylor rows.")
+    max_accuracy_drop: float = setting(POLICY.student.max_accuracy_drop,
+                                       "Accuracy drop (points) against the unpruned model allowed for pruned "
+                                       "variants to be selected.")
+    resume: bool = setting(False, "Continue the fine-tuning from its checkpoint.")
+
+    def __post_init__(self):
+        _finite("prune", ratio=self.ratio, target_params=self.target_params, target_flops=self.target_flops,
+                lr=self.lr, temperature=self.temperature, alpha=self.alpha, max_accuracy_drop=self.max_accuracy_drop)
+        given = [n for n in ("ratio", "target_params", "target_flops") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"give one of --ratio, --target-params and --target-flops, not {' and '.join(given)}")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"ratio must be in [0, 1) (the fraction of each width removed), got {self.ratio}")
+        for name in ("target_params", "target_flops"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0 (a fraction < 1 or a count >= 1), got {getattr(self, name)}")
+        if self.scope not in PRUNE_SCOPES:
+            raise ConfigError(f"scope must be one of {', '.join(PRUNE_SCOPES)}, got {self.scope!r}")
+        if self.importance not in IMPORTANCES:
+            raise ConfigError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
+        if self.taylor_samples < 1:
+            raise ConfigError(f"taylor_samples must be >= 1, got {self.taylor_samples}")
+        if self.epochs is not None and self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0 (0: no fine-tuning), got {self.epochs}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.max_accuracy_drop < 0:
+            raise ConfigError(f"max_accuracy_drop must be >= 0, got {self.max_accuracy_drop}")
+
+    def goal(self) -> tuple[str, float]:
+        """("ratio", r), ("params", target) or ("flops", target)."""
+        if self.target_params is not None:
+            return "params", self.target_params
+        if self.target_flops is not None:
+            return "flops", self.target_flops
+        return "ratio", 0.5 if self.ratio is None else self.ratio
+
+    @property
+    def budget(self) -> Budget:
+        """The pruned model's selection gate against the unpruned one (as a student's against its teacher)."""
+        return Budget(self.max_accuracy_drop, POLICY.student.min_agreement, gate=True)
+
+
+FREEZE_CHOICES = ("backbone", "none")
+HEAD_CHOICES = ("new", "keep")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    freeze: str = setting("backbone", "backbone (train only the head), none (fine-tune every layer), or N: freeze "
+                                      "the first N layers with weights (in the order the model defines them).")
+    head: str = setting("new", "new: a freshly initialized classifier for the new data's classes; keep: the source's "
+                               "classifier (the new data must have as many classes).")
+    epochs: int | None = setting(None, "Epochs (default: the model's tuned training epochs); the scratch twin gets "
+                                       "the same.")
+    lr: float | None = setting(None, "Learning rate (default: the model's tuned setting).")
+    patience: int | None = setting(None, "Epochs without a better validation accuracy before stopping (default: the "
+                                         "model's; a few-shot validation split is small and noisy).")
+    seed: int = setting(0, "Seed of the new head, the batch order and the scratch twin's initialization.")
+    scratch_baseline: bool = setting(True, "Also train the same architecture from scratch on the same data and "
+                                           "epochs, to measure what the transfer bought.")
+
+    def __post_init__(self):
+        _finite("transfer", lr=self.lr)
+        self.frozen_layers()  # validates freeze
+        if self.head not in HEAD_CHOICES:
+            raise ConfigError(f"head must be new or keep, got {self.head!r}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"patience must be >= 1, got {self.patience}")
+
+    def frozen_layers(self) -> str | int:
+        """"backbone", "none" or the number of leading layers to freeze."""
+        value = str(self.freeze).strip()
+        if value in FREEZE_CHOICES:
+            return value
+        if value.isdigit():
+            return int(value)
+        raise ConfigError(f"freeze must be backbone, none or a number of layers N >= 0, got {self.freeze!r}")
+
+
 # --- verify / select / bench / explain -------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -426,7 +542,8 @@ class PackageConfig:
 
 # The sections a --config file may hold, and the config class of each stage section.
 STAGE_CONFIGS = {"train": TrainConfig, "export": ExportConfig, "optimize": OptimizeConfig,
-                 "quantize": QuantizeConfig, "distill": DistillConfig, "verify": VerifyConfig,
+                 "quantize": QuantizeConfig, "distill": DistillConfig, "prune": PruneConfig,
+                 "transfer": TransferConfig, "verify": VerifyConfig,
                  "select": SelectConfig, "bench": BenchConfig, "explain": ExplainConfig, "package": PackageConfig}
 CONFIG_SECTIONS = ("model", *STAGE_CONFIGS)
 

@@ -14,6 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from ..core.data import Dataset
+from ..core.parity import paired_delta
 from ..core.predictors import load_torch_model, save_weights
 from ..errors import ConfigError
 from ..runfolder import Artifact, Run
@@ -172,9 +173,12 @@ def distill(run: Run, cfg: DistillConfig, ds: Dataset, *, progress: bool = True)
         twin = spec.build(student_cfg)
         twin_hist = fit(twin, ds, train_cfg, checkpoint=run.root / "checkpoints" / "student_scratch.pt",
                         resume=cfg.resume, desc=f"scratch {spec.name}", progress=progress)
-        scratch_acc, _ = evaluate(twin, ds.x_test, ds.y_test)
+        scratch_acc, scratch_logits = evaluate(twin, ds.x_test, ds.y_test)
+        _, student_logits = evaluate(student, ds.x_test, ds.y_test)
         record.update(scratch_accuracy=scratch_acc, scratch_epochs_run=twin_hist["epoch"],
-                      distillation_gain_pt=100.0 * (distilled_acc - scratch_acc))
+                      distillation_gain_pt=100.0 * (distilled_acc - scratch_acc),
+                      distillation_gain=paired_delta(student_logits.argmax(1) == ds.y_test,
+                                                     scratch_logits.argmax(1) == ds.y_test).to_json())
     save_weights(run.root / STUDENT_FILE, spec.name, student_cfg, student.state_dict())
     with run.batch():
         art = run.add_artifact(
@@ -189,19 +193,7 @@ def distill(run: Run, cfg: DistillConfig, ds: Dataset, *, progress: bool = True)
 
 def student_speedup(run: Run) -> dict:
     """Per timed batch size: the teacher's fastest ONNX variant, the fastest student variant eligible for
-    `selected` (within budget, passing its checks), and the speedup; from the select stage's timings."""
-    from .select import verdict
+    `selected`, and the speedup (select.branch_speedup for the `student` branch)."""
+    from .select import branch_speedup
 
-    timed = {v: run.metrics(v)["latency_ms"] for v in run.variants()
-             if run.artifact(v).format == "onnx" and run.metrics(v).get("latency_ms")}
-    teacher = [v for v in timed if "student" not in run.lineage(v)]
-    student = [v for v in timed if "student" in run.lineage(v) and verdict(run, v)[0]]
-    out = {}
-    for b in sorted({b for lat in timed.values() for b in lat}, key=int):
-        t = min((v for v in teacher if b in timed[v]), key=lambda v: timed[v][b], default=None)
-        s_ = min((v for v in student if b in timed[v]), key=lambda v: timed[v][b], default=None)
-        out[b] = {"teacher_best": t, "teacher_ms": timed[t][b] if t else None,
-                  "student_best": s_, "student_ms": timed[s_][b] if s_ else None,
-                  "speedup": timed[t][b] / timed[s_][b] if t and s_ else None}
-    return out
-
+    return branch_speedup(run, "student")

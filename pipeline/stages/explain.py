@@ -134,9 +134,11 @@ def attention_maps(model, *inputs, named: dict | None = None) -> list:
         x = args[0]
         mask = args[1] if len(args) > 1 else None
         B, T, C = x.shape
-        q, k, _ = block.qkv(block.ln1(x)).split(C, dim=-1)
-        q, k = (t.view(B, T, block.heads, C // block.heads).transpose(1, 2) for t in (q, k))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(C // block.heads)        # (B, h, T, T)
+        inner = getattr(block, "inner", C)                                   # heads x head width (pruned: < C)
+        d = getattr(block, "head_dim", C // block.heads)
+        q, k, _ = block.qkv(block.ln1(x)).split(inner, dim=-1)
+        q, k = (t.view(B, T, block.heads, d).transpose(1, 2) for t in (q, k))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d)                      # (B, h, T, T)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         maps.append(torch.softmax(scores, dim=-1).detach())

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import write_bytes
+from ..core.parity import delta_words
 from ..core.policy import entry_verdict
 from ..runfolder import Run
 
@@ -258,9 +259,75 @@ def plot_divergence(variant: str, value_name: str, items: list[tuple[str, float]
 
 # --- the report -----------------------------------------------------------------------------------
 
+def accuracy_cost(run: Run, variant: str, reference: str = "torch") -> str:
+    """The variant's accuracy against `reference` in words, as verify recorded it: lossless, or the drop with
+    its 95% interval and McNemar p-value ("not distinguishable from 0" where that is so)."""
+    if variant == reference:
+        return "none (the reference itself)"
+    entry = next(iter(run.parity(reference=reference, candidate=variant)), None)
+    if entry is None:
+        acc, ref = run.metrics(variant).get("accuracy"), run.metrics(reference).get("accuracy")
+        return "not verified" if acc is None or ref is None else f"{100 * (ref - acc):.2f} pt (not verified)"
+    if entry["rule"] == "tensor":
+        return f"none: lossless (max |d| {entry['max_abs']:.1e})"
+    if entry.get("uncertainty"):
+        return f"drop {delta_words(entry['uncertainty'], signed=False)}"
+    return f"drop {entry['accuracy_drop']:.2f} pt"
+
+
+def _answer_section(rep: Report, run: Run, tables: dict) -> None:
+    """The answer first: which variant, what it buys against torch, what it costs, and the runners-up."""
+    sel = run.selected
+    if not sel:
+        rep.p("No variant is selected yet: run `onnxpipe select RUN` (or `onnxpipe run`).")
+        return
+    label = list(tables)[-1] if tables else None
+    table = tables.get(label, {})
+    ref = "torch" if any("torch" in cells for cells in table.values()) else ("onnx" if run.has("onnx") else None)
+    ranking = (run.section("selection") or {}).get("ranking") or [sel]
+    shown = list(dict.fromkeys([sel, *[v for v in ranking if v != sel][:2]]))
+    batches = sorted(table)
+
+    def speed(v: str, b: int):
+        cell, base = table.get(b, {}).get(v), table.get(b, {}).get(ref)
+        return None if not cell or not base or not cell.get("p50_ms") else base["p50_ms"] / cell["p50_ms"]
+
+    root_bytes = run.artifact(run.root_variant(sel)).bytes
+    gains = [f"{speed(sel, b):.2f}x {'faster' if speed(sel, b) >= 1 else 'as fast'} than {ref} at batch {b}"
+             for b in batches if speed(sel, b) is not None]
+    size = run.artifact(sel).bytes / root_bytes
+    runners = [v for v in shown if v != sel]
+    sentence = (f"**{sel}** is the selected variant: " + (", ".join(gains) if gains else "no latency recorded yet")
+                + f", {size:.2f}x the size of {run.root_variant(sel)}; accuracy cost: "
+                f"{accuracy_cost(run, sel, run.root_variant(sel))}."
+                + (f" Closest: {', '.join(runners)}." if runners else ""))
+    rep.p(sentence)
+    cols = ["variant", *[c for b in batches for c in (f"p50 ms b{b}", f"x {ref} b{b}")], "KiB",
+            f"size vs {run.root_variant(sel)}", f"accuracy cost vs {run.root_variant(sel)}"]
+    rows = []
+    for v in shown:
+        row = [v + (" (selected)" if v == sel else "")]
+        for b in batches:
+            cell = table.get(b, {}).get(v) or {}
+            x = speed(v, b)
+            row += [fmt_ms(cell.get("p50_ms")), "-" if x is None else f"{x:.2f}"]
+        row += [f"{run.artifact(v).bytes / 1024:.1f}", f"{run.artifact(v).bytes / root_bytes:.2f}x",
+                accuracy_cost(run, v, run.root_variant(v))]
+        rows.append(row)
+    rep.table(cols, rows)
+    if label:
+        rep.p(f"Latency: {label} from {'onnxpipe bench' if run.section('bench') else 'the select stage'}; "
+              f"the runners-up are the next variants in the selection ranking ({(run.section('selection') or {}).get('objective', 'geomean')} "
+              "of the p50 latencies). Accuracy cost: drop in points on the test split with a 95% paired bootstrap "
+              "interval and the exact McNemar p-value (information: the budgets decide).")
+
+
 def build_report(run: Run) -> Report:
     m = run.manifest  # a snapshot: the report only reads
     rep = Report(f"onnxpipe report: {run.model_name} ({m.get('size', 'default')})")
+    source, tables = latency_table(run)
+    _answer_section(rep, run, tables)
+    rep.h("The run")
     ds = m.get("dataset", {})
     split = ds.get("split", {})
     rep.p(f"Run folder `{run.root}`, created {m.get('created', '-')}. Model `{run.model_name}`, size "
@@ -282,8 +349,8 @@ def build_report(run: Run) -> Report:
         rows.append([v, " <- ".join(run.lineage(v)), a.stage, a.format, "lossy" if a.lossy else "lossless",
                      f"{a.bytes / 1024:.1f}", a.sha256[:12]])
     rep.table(["variant", "lineage (newest first)", "stage", "format", "step", "KiB", "sha256"], rows)
+    _compression_section(rep, run)
 
-    source, tables = latency_table(run)
     _variants_section(rep, run, tables, source)
     _limits_section(rep, run)
     _profile_sections(rep, run)
@@ -421,6 +488,44 @@ def _variants_section(rep: Report, run: Run, tables: dict, source: str) -> None:
               "(overhead); a latency far above both is the runtime's own inefficiency, not a machine limit.")
 
 
+def _compression_section(rep: Report, run: Run) -> None:
+    """Distillation, pruning and transfer: what each measured, with the interval of every gain or drop."""
+    d = run.section("distillation")
+    if d:
+        rep.h("Distillation", 3)
+        rows = [["teacher", d["teacher_params"], fmt_acc(d["teacher_accuracy"]), "-"],
+                [f"distilled student ({d['student_model']})", d["student_params"], fmt_acc(d["distilled_accuracy"]),
+                 accuracy_cost(run, "student") if run.has("student") else "-"]]
+        if "scratch_accuracy" in d:
+            rows.append(["same student from scratch", d["student_params"], fmt_acc(d["scratch_accuracy"]), "-"])
+        rep.table(["model", "params", "accuracy", "cost vs teacher"], rows)
+        if d.get("distillation_gain"):
+            rep.p(f"Distilled - scratch: {delta_words(d['distillation_gain'])}.")
+    p = run.section("pruning")
+    if p:
+        rep.h("Pruning", 3)
+        rep.p(f"{p['library']}, importance {p['importance']}, scope {p['scope']}, ratio {p['ratio']:.3f} "
+              f"(goal: {p['goal']['kind']} {p['goal']['value']:g}). Params {p['params_before']:,} -> {p['params_after']:,} "
+              f"({100 * p['params_ratio']:.0f}%), FLOPs per row {p['flops_before']:,.0f} -> {p['flops_after']:,.0f} "
+              f"({100 * p['flops_ratio']:.0f}%). Accuracy {fmt_acc(p['teacher_accuracy'])} unpruned, "
+              f"{fmt_acc(p['pruned_accuracy_before_fine_tune'])} pruned before fine-tuning, {fmt_acc(p['pruned_accuracy'])} "
+              f"after; drop {delta_words(p.get('drop_vs_teacher'), signed=False)}."
+              + (f" Zeroed-weights check: max |d| {p['zeroed_check']['max_abs']:.1e} over "
+                 f"{len(p['zeroed_check']['shapes'])} shapes." if p.get("zeroed_check") else ""))
+        rep.table(["layer", "kind", "units", "kept", "pruned"],
+                  [[r["group"], r["kind"], r.get("size", "-"), r.get("kept", "-"), len(r["pruned_units"])] for r in p["plan"]])
+    t = run.section("transfer")
+    if t:
+        src = t["source"]
+        rep.h("Transfer", 3)
+        rep.p(f"Transferred from `{src['run']}` (variant {src['variant']}, sha256 {src['sha256'][:16]}..., "
+              f"{src['model']} trained on {src['dataset'].get('source')} classes {src['dataset'].get('classes') or 'all'}); "
+              f"freeze {t['freeze']} ({len(t['frozen_layers'])} layers, {t['frozen_params']:,} params, unchanged), head "
+              f"{t['head']}; {t['train_rows']} training rows, {t['epochs_run']} epochs. Accuracy "
+              f"{fmt_acc(t['transferred_accuracy'])}" + (f" vs {fmt_acc(t['scratch_accuracy'])} from scratch: "
+                                                          f"{delta_words(t['gain_vs_scratch'])}." if "scratch_accuracy" in t else "."))
+
+
 def _limits_section(rep: Report, run: Run) -> None:
     info = run.section("bench")
     if not info:
@@ -491,7 +596,8 @@ def _parity_section(rep: Report, run: Run) -> None:
         mark = entry_verdict(p)
         if p["rule"] == "tensor":
             return f"{mark} max|d| {p['max_abs']:.1e}"
-        return f"{mark} agree {p['agreement']:.3f}, drop {p['accuracy_drop']:.2f} pt"
+        return f"{mark} agree {p['agreement']:.3f}, drop {p['accuracy_drop']:.2f} pt" + (
+            "" if p.get("uncertainty", {}).get("distinguishable", True) else " (n.d.)")
 
     rep.h("Matrix (rows: reference, columns: candidate)", 3)
     rep.table(["reference"] + cands, [[r] + [verdict(by_pair.get((r, c))) for c in cands] for r in refs])
@@ -500,8 +606,13 @@ def _parity_section(rep: Report, run: Run) -> None:
         rows.append([p["reference"], p["candidate"], p["rule"], entry_verdict(p), f"{p['max_abs']:.3g}",
                      None if p.get("agreement") is None else f"{p['agreement']:.4f}",
                      None if p.get("accuracy_drop") is None else f"{p['accuracy_drop']:.2f}",
+                     delta_words(p.get("uncertainty"), signed=False) if p["rule"] == "task" else None,
                      len(p.get("shapes", [])), "; ".join(p.get("notes", []))])
-    rep.table(["reference", "candidate", "rule", "result", "max abs", "agreement", "acc drop pt", "shapes", "notes"], rows)
+    rep.table(["reference", "candidate", "rule", "result", "max abs", "agreement", "acc drop pt",
+               "drop: 95% CI, McNemar", "shapes", "notes"], rows)
+    rep.p("Drops of lossy variants carry a 95% paired bootstrap interval over the test rows (seeded) and the exact "
+          "McNemar p-value on the rows where the two disagree about correctness; \"not distinguishable from 0\" "
+          "(n.d. in the matrix) where the interval holds 0 or p >= 0.05. The budgets decide the verdict.")
 
 
 def _packages_section(rep: Report, run: Run) -> None:
@@ -561,7 +672,7 @@ def _explain_section(rep: Report, run: Run) -> None:
 
 # --- rendering ------------------------------------------------------------------------------------
 
-def to_markdown(rep: Report) -> str:
+def to_markdown(rep: Report, assets: str = ASSETS) -> str:
     out = [f"# {rep.title}", ""]
     for kind, b in rep.blocks:
         if kind.startswith("h"):
@@ -574,7 +685,7 @@ def to_markdown(rep: Report) -> str:
             out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in b.rows]
             out.append("")
         elif kind == "figure":
-            target = b.source_path or f"{ASSETS}/{b.name}"
+            target = b.source_path or f"{assets}/{b.name}"
             out += [f"![{b.caption}]({target})", "", f"*{b.caption}*", ""]
     return "\n".join(out)
 
@@ -594,7 +705,7 @@ def _inline(text: str) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
 
 
-def to_html(rep: Report, manifest: dict) -> str:
+def to_html(rep: Report, manifest: dict, source: str = "manifest.json (the source of every number above)") -> str:
     out = ["<!doctype html>", "<html><head><meta charset='utf-8'>", f"<title>{html.escape(rep.title)}</title>",
            f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(rep.title)}</h1>"]
     for kind, b in rep.blocks:
@@ -610,7 +721,7 @@ def to_html(rep: Report, manifest: dict) -> str:
             data = base64.b64encode(b.png).decode()
             out.append(f"<figure><img alt='{html.escape(b.caption, quote=True)}' src='data:image/png;base64,{data}'>"
                        f"<figcaption>{html.escape(b.caption)}</figcaption></figure>")
-    out.append("<details><summary>manifest.json (the source of every number above)</summary><pre>"
+    out.append(f"<details><summary>{html.escape(source)}</summary><pre>"
                + html.escape(json.dumps(manifest, indent=1)) + "</pre></details>")
     out.append("</body></html>")
     return "\n".join(out)

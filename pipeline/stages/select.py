@@ -189,6 +189,30 @@ def verdict(run: Run, variant: str, _seen: frozenset = frozenset()) -> tuple[boo
     return (True, "") if ok else (False, f"its parent {art.parent} is not eligible ({why})")
 
 
+def branch_speedup(run: Run, branch: str) -> dict:
+    """Per timed batch size: the teacher's fastest ONNX variant (lineage through no other torch variant than
+    the root), the fastest variant of `branch` (a torch variant such as `student` or `pruned`, and the ONNX
+    variants made from it) eligible for `selected` (within budget, passing its checks), and the speedup;
+    from the select stage's recorded timings."""
+    timed = {v: run.metrics(v)["latency_ms"] for v in run.variants()
+             if run.artifact(v).format == "onnx" and run.metrics(v).get("latency_ms")}
+
+    def torch_ancestors(v: str) -> list[str]:
+        chain = run.lineage(v)
+        return [a for a in chain[:-1] if run.artifact(a).format == "torch"]
+
+    teacher = [v for v in timed if not torch_ancestors(v)]
+    ours = [v for v in timed if branch in run.lineage(v) and verdict(run, v)[0]]
+    out = {}
+    for b in sorted({b for lat in timed.values() for b in lat}, key=int):
+        t = min((v for v in teacher if b in timed[v]), key=lambda v: timed[v][b], default=None)
+        s_ = min((v for v in ours if b in timed[v]), key=lambda v: timed[v][b], default=None)
+        out[b] = {"teacher_best": t, "teacher_ms": timed[t][b] if t else None,
+                  f"{branch}_best": s_, f"{branch}_ms": timed[s_][b] if s_ else None,
+                  "speedup": timed[t][b] / timed[s_][b] if t and s_ else None}
+    return out
+
+
 # --- timing on this machine -----------------------------------------------------------------------------
 
 def machine_record(chosen: SessionSetting, swept: list[str]) -> dict:
