@@ -278,7 +278,7 @@ def markdown(res: dict) -> str:
     unjudged = [f"{m['model']} b{c['batch']}/{c['threads']}t: {c['verdict']}" for m in res["models"] for c in m["cells"]
                 if c not in judged]
     lines += ["", f"Target (onnxpipe's INT8 ahead of or level with the best peer in every cell): "
-              f"{'met' if judged and not behind else 'missed'} in the {len(judged)} of {len(cells)} cells judged: "
+              f"**{'met' if judged and not behind else 'missed'}**; of the {len(cells)} cells, {len(judged)} judged: "
               f"{sum(c['verdict'] == 'ahead' for c in judged)} ahead, {sum(c['verdict'] == 'level' for c in judged)} level, "
               f"{len(behind)} behind{' (' + ', '.join(behind) + ')' if behind else ''}."
               + (f" Not judged: {'; '.join(unjudged)}." if unjudged else "")]
