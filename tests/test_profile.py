@@ -53,3 +53,22 @@ def test_a_real_profile_adds_up_and_names_the_graphs_ops(tiny_run, tmp_path):
     session = make_session(run.path("onnx"), device="cpu", threads=1, spinning=False)
     measured = time_interleaved({"onnx": lambda: session(x)}, batch=16, warmup=3, runs=15)["onnx"].p50
     assert 0.33 < prof["run_ms"] / measured < 3.0, (prof["run_ms"], measured)
+
+
+def test_torch_profiles_leave_no_kineto_chatter_on_stderr_and_keep_real_messages(capfd):
+    import os
+    import sys
+
+    import torch
+
+    from onnxpipe.core.profile import _without_kineto_chatter, profile_torch
+
+    net = torch.nn.Linear(4, 3)
+    prof = profile_torch(lambda x: net(torch.from_numpy(x)), [np.ones((2, 4), np.float32)], runs=2, warmup=1)
+    assert prof["total_ms"] > 0 and any("linear" in op or "addmm" in op for op in prof["by_op"])
+    with _without_kineto_chatter():
+        os.write(2, b"USDT:2026 x.cpp:1] profiler_start\nreal native warning\n")
+        print("python warning", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "USDT:" not in err and "profiler_start" not in err
+    assert "real native warning" in err and "python warning" in err

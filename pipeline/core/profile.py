@@ -17,7 +17,9 @@ The by_op entries sum to run_ms by construction, so a table of them adds up to t
 `profile_torch(fn, inputs)` gives torch.profiler's table (self CPU ms per call by aten op) for eager."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
 import tempfile
 from collections import defaultdict
@@ -128,13 +130,39 @@ def profile_line(prof: dict, top: int = 3) -> str:
     return line
 
 
+KINETO_CHATTER = ("USDT:", "STAGE:")   # libkineto's own start/stop lines, written to fd 2 on every profile
+
+
+@contextlib.contextmanager
+def _without_kineto_chatter():
+    """Run the block with the process's stderr (fd 2) captured, then write back every captured line except
+    libkineto's start/stop chatter: a real message from native code still reaches the user."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [ln for ln in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not ln.startswith(KINETO_CHATTER)]
+            if kept:
+                sys.stderr.write("".join(kept))
+
+
 def profile_torch(fn, inputs: Sequence[np.ndarray], *, runs: int = 10, warmup: int = 3, top: int = 10) -> dict:
     """torch.profiler's op table of a torch predictor: {op: self CPU ms per call}, the slowest `top`."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(warmup):
         fn(*inputs)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _without_kineto_chatter(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(runs):
             fn(*inputs)
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)

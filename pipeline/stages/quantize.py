@@ -238,7 +238,7 @@ def _builder(mode: str, cfg: QuantizeConfig, family: str, src: Path, pre: Path, 
 
 
 def _static_layout(cfg: QuantizeConfig, family: str, src: Path, pre: Path, workdir: Path, calib: Rows,
-                   float_model: Path, build, probe: NativeProbe | None):
+                   float_model: Path, build, probe: NativeProbe | None, variant: str = "int8_static"):
     """(float model, build, record): the all-INT8 build or the one with the input conv block in float,
     whichever ran faster here (pipeline/stages/int8_layout.py)."""
     from .int8_layout import ALL_INT8, INPUT_BLOCK_FLOAT, choose_layout, input_block_float_model, time_layouts
@@ -258,7 +258,7 @@ def _static_layout(cfg: QuantizeConfig, family: str, src: Path, pre: Path, workd
 
     timed = time_layouts({ALL_INT8: build([]), INPUT_BLOCK_FLOAT: alt_build([])}, calib)
     chosen, why = choose_layout(timed)
-    log.info("int8_static: %s", why)
+    log.info("%s: %s", variant, why)
     record = {"input_block": block, "timed_p50_ms": timed, "chosen": chosen, "why": why}
     return (alt_float, alt_build, record) if chosen == INPUT_BLOCK_FLOAT else (float_model, build, record)
 
@@ -286,7 +286,8 @@ def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, sour
 
     layout = None
     if mode == "static" and family == "image" and cfg.layout_search:
-        float_model, build, layout = _static_layout(cfg, family, src, pre, workdir, calib, float_model, build, probe)
+        float_model, build, layout = _static_layout(cfg, family, src, pre, workdir, calib, float_model, build, probe,
+                                                  variant)
 
     def judge_build(path: Path):
         logits = predict_batched(make_session(path, device="cpu"), ds.x_test)
