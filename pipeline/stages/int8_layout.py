@@ -14,13 +14,15 @@ and at batch 1 and LAYOUT_BATCH, and the lower geometric mean of the p50s wins (
 it has fewer float nodes). The quantizer records both timings, the block and why."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
+
+import numpy as np
 
 from ..core.data import Rows
 from ..core.onnxgraph import input_conv_block, pool_before_relu
 from ..core.runtime import make_session
 from ..core.timing import NEAR_TIE, thread_candidates, time_interleaved
+from .select import score
 
 ALL_INT8 = "all_int8"
 INPUT_BLOCK_FLOAT = "input_block_float"
@@ -45,8 +47,6 @@ def input_block_float_model(pre: Path, out: Path) -> list[str]:
 def _batch_of(rows: Rows, batch: int) -> tuple:
     """`batch` rows (repeating the given ones where there are fewer)."""
     reps = -(-batch // len(rows))
-    import numpy as np
-
     idx = np.tile(np.arange(len(rows)), reps)[:batch]
     return rows[idx].arrays
 
@@ -72,7 +72,7 @@ def choose_layout(timed: dict[str, dict[str, float]], margin: float = NEAR_TIE) 
     cells = sorted(set.intersection(*(set(v) for v in timed.values())))
     if not cells or ALL_INT8 not in timed or len(timed) == 1:
         return ALL_INT8, "only the all-INT8 build was timed"
-    gm = {name: math.exp(sum(math.log(v[c]) for c in cells) / len(cells)) for name, v in timed.items()}
+    gm = {name: score({c: v[c] for c in cells}, "geomean") for name, v in timed.items()}
     speedup = gm[ALL_INT8] / gm[INPUT_BLOCK_FLOAT]
     if speedup > 1 + margin:
         return INPUT_BLOCK_FLOAT, (f"the input conv block in float is {speedup:.2f}x faster (geometric mean of "

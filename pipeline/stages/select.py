@@ -155,17 +155,14 @@ def best_setting(timed: dict[str, dict[str, float]], settings: dict[str, Session
     scored = {k: score(t, objective) for k, t in timed.items() if t}
     if not scored:
         raise ValueError("no timed setting to choose from")
-    fastest = min(scored.values())
-    near = [k for k, v in scored.items() if v <= fastest * (1 + margin)]
-    chosen = min(near, key=lambda k: (settings[k].cost, scored[k], k))
+
+    def cheapest_near_fastest(ms: dict[str, float]) -> str:
+        low = min(ms.values())
+        return min((k for k, v in ms.items() if v <= low * (1 + margin)), key=lambda k: (settings[k].cost, ms[k], k))
+
     batches = sorted({b for t in timed.values() for b in t}, key=int)
-    per_batch = {}
-    for b in batches:
-        at = {k: t[b] for k, t in timed.items() if b in t}
-        low = min(at.values())
-        per_batch[b] = min((k for k, v in at.items() if v <= low * (1 + margin)),
-                           key=lambda k: (settings[k].cost, at[k], k))
-    return chosen, per_batch
+    per_batch = {b: cheapest_near_fastest({k: t[b] for k, t in timed.items() if b in t}) for b in batches}
+    return cheapest_near_fastest(scored), per_batch
 
 
 # --- verdicts from the manifest -------------------------------------------------------------------------
