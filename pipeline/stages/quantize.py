@@ -256,11 +256,18 @@ def _static_layout(cfg: QuantizeConfig, family: str, src: Path, pre: Path, workd
             probe.check(path, step="opening the static build with the input block in float")
         return path
 
-    timed = time_layouts({ALL_INT8: build([]), INPUT_BLOCK_FLOAT: alt_build([])}, calib)
+    builds = {ALL_INT8: build([]), INPUT_BLOCK_FLOAT: alt_build([])}
+    timed = time_layouts(builds, calib)
     chosen, why = choose_layout(timed)
     log.info("%s: %s", variant, why)
     record = {"input_block": block, "timed_p50_ms": timed, "chosen": chosen, "why": why}
-    return (alt_float, alt_build, record) if chosen == INPUT_BLOCK_FLOAT else (float_model, build, record)
+    chosen_float, chosen_build = (alt_float, alt_build) if chosen == INPUT_BLOCK_FLOAT else (float_model, build)
+
+    def build_again_only_with_exclusions(excluded: list[str]) -> Path:
+        # the build with nothing excluded was made (and probed) for the timing: fit_budget starts from it
+        return builds[chosen] if not excluded else chosen_build(excluded)
+
+    return chosen_float, build_again_only_with_exclusions, record
 
 
 def quantize_mode(run: Run, mode: str, cfg: QuantizeConfig, ds: Dataset, *, source: str,
