@@ -170,11 +170,10 @@ def print_profiles(run) -> None:
     import typer
 
     from .core.profile import profile_line
+    from .stages.report_profile import profiled_cells
 
-    for v in (run.section("bench") or {}).get("profiled", []):
-        for t, by_batch in run.metrics(v)["bench"].get("profile", {}).items():
-            for b, prof in by_batch.items():
-                typer.echo(f"profile {v} at {t} thread(s), batch {b}: {profile_line(prof)}")
+    for v, t, b, prof in profiled_cells(run):
+        typer.echo(f"profile {v} at {t} thread(s), batch {b}: {profile_line(prof)}")
 
 
 def print_package(pkg) -> None:

@@ -19,6 +19,7 @@ call); a batch-1 latency far above both is neither machine limit but the runtime
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +33,8 @@ from ..errors import ConfigError
 from ..runfolder import Run
 from .configs import BenchConfig
 from .select import example_batches, input_signature
+
+log = logging.getLogger("onnxpipe")
 
 REFERENCE = "torch"
 
@@ -50,6 +53,12 @@ def _torch_empty_call(threads: int) -> Callable[[], object]:
     return lambda: fn(x)
 
 
+
+def _warn(msg: str, say: Callable[[str], None]) -> None:
+    """A step bench could not do as asked: a warning on the log and a line on the progress output."""
+    log.warning(msg)
+    say(msg)
+
 def _torch_device(device: str, say: Callable[[str], None]) -> str:
     """torch eager runs on the bench device when torch has it; else on the CPU, printed and recorded."""
     if device != "cuda":
@@ -58,11 +67,8 @@ def _torch_device(device: str, say: Callable[[str], None]) -> str:
 
     if torch.cuda.is_available():
         return "cuda"
-    import logging
-
-    msg = "this torch build has no CUDA: torch eager (the reference) is timed on the CPU; speedup_vs_torch compares across devices"
-    logging.getLogger("onnxpipe").warning(msg)
-    say(msg)
+    _warn("this torch build has no CUDA: torch eager (the reference) is timed on the CPU; speedup_vs_torch "
+          "compares across devices", say)
     return "cpu"
 
 
@@ -201,12 +207,8 @@ def profile_variants(run: Run, cfg: BenchConfig, groups: dict[tuple, list[str]],
     wanted = [v for members in groups.values() for v in members
               if cfg.profile == "all" or v in (run.selected, REFERENCE)]
     if cfg.device != "cpu":
-        msg = (f"profiles are taken on the CPU only; bench --device {cfg.device} times {', '.join(wanted)} there "
-               "but records no profile for them")
-        import logging
-
-        logging.getLogger("onnxpipe").warning(msg)
-        say(msg)
+        _warn(f"profiles are taken on the CPU only; bench --device {cfg.device} times {', '.join(wanted)} there "
+              "but records no profile for them", say)
         return {}
     out: dict[str, dict] = {}
     for sig, members in groups.items():

@@ -140,22 +140,14 @@ def plot_profiles(run: Run, plt):
             cells[(v, t)] = (b, prof)
     if not cells:
         return None
-    ops: list[str] = []
-    for b, prof in cells.values():
-        for op, _ in op_shares(prof, SEGMENTS):
-            if op not in ops:
-                ops.append(op)
+    segments = [dict(op_shares(prof, SEGMENTS)) for _, prof in cells.values()]   # each bar's own top op types
+    ops = list(dict.fromkeys(op for seg in segments for op in seg))
     labels = [f"{v} @{t}t b{b}" for (v, t), (b, _) in cells.items()]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(cells) + 1.6))
     left = [0.0] * len(cells)
     cmap = plt.get_cmap("tab20")
     for i, op in enumerate(ops + ["other"]):
-        widths = []
-        for (b, prof) in cells.values():
-            shares = dict(op_shares(prof, len(prof["by_op"])))
-            top = {o for o, _ in op_shares(prof, SEGMENTS)}
-            widths.append(100 * (1 - sum(s for o, s in shares.items() if o in top)) if op == "other"
-                          else 100 * shares.get(op, 0.0) * (op in top))
+        widths = [100 * (1 - sum(seg.values())) if op == "other" else 100 * seg.get(op, 0.0) for seg in segments]
         ax.barh(labels, widths, left=left, color=cmap(i % 20), label=op)
         left = [a + w for a, w in zip(left, widths)]
     for y, (b, prof) in enumerate(cells.values()):
