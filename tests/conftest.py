@@ -3,7 +3,9 @@
 Tests that change a run must work on a copy: `copy_run(tiny_run("cnn"), tmp_path)`."""
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,28 @@ def two_inputs(tmp_path):
     d = load_digits()
     np.savez(tmp_path / "two.npz", rows=d.images, aux=d.images.mean(1), y=d.target)
     return str(USERS_MODELS), f"npz:{tmp_path / 'two.npz'}"
+
+
+@contextlib.contextmanager
+def _held_model_calls(batcher):
+    real, gate, calls = batcher.run_batch, threading.Event(), []
+
+    def held(arrays):
+        calls.append(len(arrays[0]))
+        gate.wait(30)
+        return real(arrays)
+
+    batcher.run_batch = held
+    try:
+        yield gate, calls
+    finally:
+        gate.set()
+        batcher.run_batch = real
+
+
+@pytest.fixture
+def hold_model_calls():
+    """hold_model_calls(batcher) -> a context yielding (gate, calls): every model call of the server's batcher
+    waits for `gate` (the real ONNX Runtime call runs once it opens) and `calls` lists the rows of each call;
+    on leaving, the gate opens and the batcher gets its real call back."""
+    return _held_model_calls

@@ -10,7 +10,6 @@ import contextlib
 import json
 import re
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,25 +29,20 @@ def binary(x: np.ndarray) -> dict:
     return {"content": head + blob, "headers": {"Inference-Header-Content-Length": str(len(head))}}
 
 
-@contextlib.contextmanager
-def gated(root, **settings):
-    """The real server for the tiny CNN whose model calls wait for `gate`; `calls` lists the rows of each call."""
-    model = ServedModel.prepare(Run.open(root), device="cpu", threads=1)
-    cfg = ServeConfig(port=0, **settings)
-    with serve_in_thread(model, cfg) as (url, app):
-        assert model.wait_loaded(60) and model.ready, model.error
-        real, gate, calls = app.state.batcher.run_batch, threading.Event(), []
+@pytest.fixture
+def gated(hold_model_calls):
+    """gated(root, **settings): the real server for the tiny CNN whose model calls wait for `gate`; `calls`
+    lists the rows of each call."""
+    @contextlib.contextmanager
+    def serve_gated(root, **settings):
+        model = ServedModel.prepare(Run.open(root), device="cpu", threads=1)
+        cfg = ServeConfig(port=0, **settings)
+        with serve_in_thread(model, cfg) as (url, app):
+            assert model.wait_loaded(60) and model.ready, model.error
+            with hold_model_calls(app.state.batcher) as (gate, calls):
+                yield url, app, gate, calls
 
-        def held(arrays):
-            calls.append(len(arrays[0]))
-            gate.wait(30)
-            return real(arrays)
-
-        app.state.batcher.run_batch = held
-        try:
-            yield url, app, gate, calls
-        finally:
-            gate.set()
+    return serve_gated
 
 
 def wait_for(predicate, timeout=10.0):
@@ -70,7 +64,7 @@ def x(tiny_run):
     return np.load(tiny_run("cnn") / "reference.npz")["inputs"][:4].astype(np.float32)
 
 
-def test_a_full_queue_is_503_with_retry_after_at_once(tiny_run, x):
+def test_a_full_queue_is_503_with_retry_after_at_once(tiny_run, x, gated):
     with gated(tiny_run("cnn"), max_queue=2, max_batch=1) as (url, app, gate, calls):
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(httpx.post, url + "/v2/models/cnn/infer", timeout=30, **binary(x[:1]))
@@ -93,7 +87,7 @@ def test_a_full_queue_is_503_with_retry_after_at_once(tiny_run, x):
         keep.close()
 
 
-def test_bytes_in_flight_over_the_bound_is_503(tiny_run, x):
+def test_bytes_in_flight_over_the_bound_is_503(tiny_run, x, gated):
     with gated(tiny_run("cnn"), max_inflight_mb=0.02) as (url, app, gate, calls):  # 20 KiB
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(httpx.post, url + "/v2/models/cnn/infer", timeout=30, **binary(x[:1]))  # 3.2 KB
@@ -110,7 +104,7 @@ def test_bytes_in_flight_over_the_bound_is_503(tiny_run, x):
         assert metric(url, r"onnxpipe_inflight_bytes") == 0
 
 
-def test_a_deadline_is_504_and_the_queued_work_is_never_run(tiny_run, x):
+def test_a_deadline_is_504_and_the_queued_work_is_never_run(tiny_run, x, gated):
     with gated(tiny_run("cnn"), timeout_ms=300, max_batch=1) as (url, app, gate, calls):
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(httpx.post, url + "/v2/models/cnn/infer", timeout=30, **binary(x[:1]))
@@ -127,7 +121,7 @@ def test_a_deadline_is_504_and_the_queued_work_is_never_run(tiny_run, x):
         assert ok.status_code == 200 and calls == [1, 1, 1]   # 2 rows with --max-batch 1: two calls
 
 
-def test_a_client_that_disconnects_has_its_queued_work_dropped(tiny_run, x):
+def test_a_client_that_disconnects_has_its_queued_work_dropped(tiny_run, x, gated):
     with gated(tiny_run("cnn"), max_batch=1) as (url, app, gate, calls):
         host, port = url.removeprefix("http://").split(":")
         with ThreadPoolExecutor(1) as pool:
@@ -146,7 +140,7 @@ def test_a_client_that_disconnects_has_its_queued_work_dropped(tiny_run, x):
         assert calls == [1]   # the 3 rows of the client that left were never run
 
 
-def test_slow_headers_and_slow_bodies_are_timed_out(tiny_run, x, caplog):
+def test_slow_headers_and_slow_bodies_are_timed_out(tiny_run, x, caplog, gated):
     with gated(tiny_run("cnn"), header_timeout_s=0.5, body_timeout_s=0.5) as (url, app, gate, calls):
         gate.set()
         host, port = url.removeprefix("http://").split(":")
@@ -172,7 +166,7 @@ def test_slow_headers_and_slow_bodies_are_timed_out(tiny_run, x, caplog):
         assert httpx.post(url + "/v2/models/cnn/infer", timeout=30, **binary(x[:1])).status_code == 200
 
 
-def test_the_batcher_does_not_wait_for_a_half_sent_request(tiny_run, x):
+def test_the_batcher_does_not_wait_for_a_half_sent_request(tiny_run, x, gated):
     """A client that sent its headers and half its body delays nobody (before: every batch waited --max-delay-ms)."""
     with gated(tiny_run("cnn"), max_delay_ms=1000) as (url, app, gate, calls):
         gate.set()

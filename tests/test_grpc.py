@@ -130,17 +130,9 @@ def test_typed_contents_and_errors_map_to_grpc_status_codes(served):
     channel.close()
 
 
-def test_a_grpc_deadline_drops_the_queued_work(served):
+def test_a_grpc_deadline_drops_the_queued_work(served, hold_model_calls):
     url, target, app, x, _ = served
-    real, gate, calls = app.state.batcher.run_batch, threading.Event(), []
-
-    def held(arrays):
-        calls.append(len(arrays[0]))
-        gate.wait(30)
-        return real(arrays)
-
-    app.state.batcher.run_batch = held
-    try:
+    with hold_model_calls(app.state.batcher) as (gate, calls):
         c = grpcclient.InferenceServerClient(target)
         inp = grpcclient.InferInput("image", [1, 1, 28, 28], "FP32")
         inp.set_data_from_numpy(x[:1])
@@ -160,9 +152,6 @@ def test_a_grpc_deadline_drops_the_queued_work(served):
             time.sleep(0.01)
         assert calls == [1]   # the 3-row call whose deadline passed was never run
         c.close()
-    finally:
-        gate.set()
-        app.state.batcher.run_batch = real
 
 
 def test_cli_serves_grpc_from_another_directory(tiny_run, tmp_path):
