@@ -84,28 +84,16 @@ def summarize_events(events: list[dict], *, skip_runs: int = 0, top: int = 10) -
 
 def profile_session(path: Path, inputs: Sequence[np.ndarray], *, threads: int, runs: int = 20, warmup: int = 3,
                     opt_level: str = "all") -> dict:
-    """Profile `runs` calls of the ONNX file at `path` (after `warmup` untimed ones) at `threads` threads."""
-    import onnxruntime as ort
-
-    from .runtime import OPT_LEVELS
+    """Profile `runs` calls of the ONNX file at `path` (after `warmup` untimed ones) at `threads` threads,
+    on the CPU, with the session options every timing uses (core/runtime.make_session, not spinning)."""
+    from .runtime import make_session
 
     with tempfile.TemporaryDirectory(prefix="onnxpipe-profile-") as tmp:
-        so = ort.SessionOptions()
-        so.enable_profiling = True
-        so.profile_file_prefix = str(Path(tmp) / "ort")
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[opt_level if opt_level in OPT_LEVELS and opt_level != "layout" else "all"]
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        feeds = {i.name: x for i, x in zip(sess.get_inputs(), inputs)}
+        session = make_session(path, device="cpu", threads=threads, opt_level=opt_level, spinning=False,
+                               profile_prefix=Path(tmp) / "ort")
         for _ in range(warmup + runs):
-            sess.run(None, feeds)
-        events = json.loads(Path(sess.end_profiling()).read_text())
+            session.run(*inputs)
+        events = json.loads(Path(session.inner.end_profiling()).read_text())
     out = summarize_events(events, skip_runs=warmup)
     out["threads"] = threads
     return out

@@ -137,12 +137,15 @@ class Session:
 
 def make_session(path: str | Path, *, device: str = "auto", threads: int | None = None,
                  opt_level: str = "all", optimized_model_path: str | Path | None = None,
-                 spinning: bool | None = None, execution_mode: str = "sequential") -> Session:
+                 spinning: bool | None = None, execution_mode: str = "sequential",
+                 profile_prefix: str | Path | None = None) -> Session:
     """Build a session for the ONNX file at `path` (whose sha256 the caller has checked).
 
     `spinning=False` stops idle intra-op threads from busy-waiting after a run: needed when several
     sessions (or torch) take turns on the same cores, as in interleaved timing. None keeps ORT's default.
-    `execution_mode="parallel"` runs independent branches at once, on `threads` inter-op threads."""
+    `execution_mode="parallel"` runs independent branches at once, on `threads` inter-op threads.
+    `profile_prefix` turns ONNX Runtime's profiler on (its JSON goes to `<prefix>_<time>.json`, named by
+    `session.inner.end_profiling()`)."""
     import onnxruntime as ort
 
     if opt_level not in OPT_LEVELS:
@@ -170,6 +173,9 @@ def make_session(path: str | Path, *, device: str = "auto", threads: int | None 
         so.optimized_model_filepath = str(optimized_model_path)
     if spinning is not None:
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
     try:
         inner = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
